@@ -1,0 +1,184 @@
+"""What a pruning run is asked to do: one validated object shared by the CLI, the API and the worker."""
+from __future__ import annotations
+
+import re
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+NAMED_SETS = ("c4", "wikitext2", "ptb")
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class CalibrationConfig(_Strict):
+    """Fixed-length token windows drawn from one source (no padding)."""
+
+    source: str = Field("c4", description="named set (c4, wikitext2, ptb) or a local .txt/.jsonl/.pt/.npy file")
+    texts: list[str] | None = Field(None, description="inline texts; used instead of `source` when given")
+    nsamples: int = Field(128, ge=1, le=100_000)
+    seqlen: int = Field(2048, ge=2, le=1_048_576, description="capped at the model's position limit")
+    seed: int = 0
+
+    @field_validator("texts")
+    @classmethod
+    def _non_empty(cls, v: list[str] | None) -> list[str] | None:
+        if v is not None and not any(t.strip() for t in v):
+            raise ValueError("must contain at least one non-empty text")
+        return v
+
+
+class EvalConfig(_Strict):
+    """Perplexity protocol: documents joined with "\\n\\n", tokenised once, non-overlapping windows."""
+
+    source: str = Field("wikitext2", description="named set (wikitext2, c4, ptb) or a local text file")
+    seqlen: int | None = Field(None, ge=2, description="default: the calibration seqlen")
+    max_windows: int | None = Field(None, ge=1, description="evaluate only the first N windows")
+    batch_size: int = Field(8, ge=1, le=1024)
+
+
+class ScheduleConfig(_Strict):
+    """How the target sparsity is spread over blocks (unstructured and N:M-free runs)."""
+
+    kind: Literal["uniform", "explicit", "linear", "owl"] = "uniform"
+    values: list[float] | None = Field(None, description="explicit: one sparsity per block")
+    first: float | None = Field(None, ge=0, lt=1, description="linear: sparsity of the first block")
+    last: float | None = Field(None, ge=0, lt=1, description="linear: sparsity of the last block")
+    owl_m: float = Field(5.0, gt=0, description="OWL: outlier threshold M (times the mean score)")
+    owl_lambda: float = Field(0.08, ge=0, lt=1, description="OWL: maximum deviation λ from the target")
+
+    @field_validator("values")
+    @classmethod
+    def _in_range(cls, v: list[float] | None) -> list[float] | None:
+        if v is not None:
+            if not v:
+                raise ValueError("must not be empty")
+            bad = [x for x in v if not 0 <= x < 1]
+            if bad:
+                raise ValueError(f"every value must be in [0, 1), got {bad[0]}")
+        return v
+
+    @model_validator(mode="after")
+    def _needs(self) -> ScheduleConfig:
+        if self.kind == "explicit" and self.values is None:
+            raise ValueError("schedule kind 'explicit' needs `values`")
+        if self.kind == "linear" and (self.first is None or self.last is None):
+            raise ValueError("schedule kind 'linear' needs `first` and `last`")
+        return self
+
+
+class StructureConfig(_Strict):
+    """Structured pruning: physically remove MLP channels, attention heads (KV groups) or whole blocks."""
+
+    mlp_channels: float = Field(0.0, ge=0, lt=1, description="fraction of MLP intermediate channels to remove")
+    heads: float = Field(0.0, ge=0, lt=1, description="fraction of attention heads (whole KV groups) to remove")
+    blocks: float = Field(0.0, ge=0, lt=1, description="fraction of decoder blocks to remove")
+    score: Literal["activation", "weight"] = "activation"
+    bias_compensation: bool = False
+
+    @model_validator(mode="after")
+    def _something(self) -> StructureConfig:
+        if not (self.mlp_channels or self.heads or self.blocks):
+            raise ValueError("structure needs at least one of mlp_channels, heads, blocks > 0")
+        return self
+
+
+class ExportConfig(_Strict):
+    save_model: bool = True
+    masks: bool = True
+    compact: bool = Field(False, description="also write the compact sparse checkpoint (values + bitmask)")
+    max_shard_size: str = "2GB"
+
+
+_PATTERN = re.compile(r"^(\d+):(\d+)$")
+
+
+class PruneConfig(_Strict):
+    model: str = Field(..., min_length=1, description="Hugging Face hub id or local directory")
+    revision: str | None = None
+    dtype: Literal["auto", "float32", "float16", "bfloat16"] = "auto"
+    trust_remote_code: bool = False
+    device: str = Field("auto", description="auto (cuda when present, else cpu), cpu, cuda, cuda:N")
+
+    method: Literal["magnitude", "wanda", "sparsegpt"] = "wanda"
+    sparsity: float | None = Field(None, ge=0, lt=1, description="unstructured target in [0, 1)")
+    pattern: str | None = Field(None, description="'unstructured' or N:M (at most N non-zeros in every M inputs)")
+
+    magnitude_scope: Literal["layer", "row"] = "layer"
+    wanda_alpha_search: bool = Field(False, description="Wanda's cumulative-score variant with α bisection")
+    blocksize: int = Field(128, ge=1, description="SparseGPT column block")
+    percdamp: float = Field(0.01, gt=0, le=10, description="SparseGPT damping, fraction of mean(diag H)")
+    true_sequential: bool = False
+    propagate: Literal["pruned", "dense"] = "pruned"
+
+    exclude: list[str] = Field(default_factory=list, description="regexes of layer names never pruned")
+    overrides: dict[str, float] = Field(default_factory=dict, description="regex of layer name -> sparsity")
+
+    calibration: CalibrationConfig = Field(default_factory=CalibrationConfig)
+    evaluation: EvalConfig | None = None
+    schedule: ScheduleConfig = Field(default_factory=ScheduleConfig)
+    structure: StructureConfig | None = None
+    export: ExportConfig = Field(default_factory=ExportConfig)
+
+    @field_validator("pattern")
+    @classmethod
+    def _pattern(cls, v: str | None) -> str | None:
+        if v is None or v == "unstructured":
+            return None
+        m = _PATTERN.match(v.strip())
+        if not m:
+            raise ValueError("must be 'unstructured' or N:M such as 2:4")
+        n, mm = int(m.group(1)), int(m.group(2))
+        if not 0 < n < mm:
+            raise ValueError(f"N:M needs 0 < N < M, got {n}:{mm}")
+        return f"{n}:{mm}"
+
+    @field_validator("exclude")
+    @classmethod
+    def _regexes(cls, v: list[str]) -> list[str]:
+        for r in v:
+            _compile(r)
+        return v
+
+    @field_validator("overrides")
+    @classmethod
+    def _override_values(cls, v: dict[str, float]) -> dict[str, float]:
+        for r, s in v.items():
+            _compile(r)
+            if not 0 <= s < 1:
+                raise ValueError(f"sparsity for {r!r} must be in [0, 1), got {s}")
+        return v
+
+    @model_validator(mode="after")
+    def _target(self) -> PruneConfig:
+        if self.sparsity is None and self.pattern is None and self.structure is None:
+            raise ValueError("give `sparsity`, an N:M `pattern`, or a `structure` block")
+        if self.nm is not None and self.schedule.kind != "uniform":
+            raise ValueError("layer-wise schedules apply to unstructured sparsity, not N:M patterns")
+        if self.schedule.kind != "uniform" and self.sparsity is None:
+            raise ValueError("a non-uniform schedule needs a `sparsity` target")
+        return self
+
+    @property
+    def nm(self) -> tuple[int, int] | None:
+        if self.pattern is None:
+            return None
+        n, m = self.pattern.split(":")
+        return int(n), int(m)
+
+    @property
+    def target_sparsity(self) -> float:
+        """Fraction of weights removed in each pruned layer: 1 − N/M for N:M, else `sparsity`."""
+        if self.nm is not None:
+            n, m = self.nm
+            return 1 - n / m
+        return self.sparsity or 0.0
+
+
+def _compile(r: str) -> re.Pattern[str]:
+    try:
+        return re.compile(r)
+    except re.error as e:
+        raise ValueError(f"invalid regex {r!r}: {e}") from e

@@ -1,0 +1,44 @@
+"""Shared test fixtures.
+
+Tests that need ../shared, Postgres or Redis skip with a reason when those are absent; with
+SECATEURS_REQUIRE_ALL=1 (set by .ci/run) such a skip becomes a failure, so CI always runs them.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED = Path(os.environ.get("SECATEURS_SHARED_DIR", ROOT.parent / "shared"))
+REQUIRE_ALL = os.environ.get("SECATEURS_REQUIRE_ALL") == "1"
+
+
+def require(ok: bool, reason: str) -> None:
+    """Skip (or, under CI, fail) when an external resource is missing."""
+    if ok:
+        return
+    if REQUIRE_ALL:
+        pytest.fail(f"required resource missing (SECATEURS_REQUIRE_ALL=1): {reason}", pytrace=False)
+    pytest.skip(reason)
+
+
+@pytest.fixture(scope="session")
+def shared_dir() -> Path:
+    require(SHARED.is_dir(), f"{SHARED} not found: the shared test assets sit beside the checkout")
+    return SHARED
+
+
+@pytest.fixture(scope="session")
+def stories260k(shared_dir: Path) -> Path:
+    p = shared_dir / "assets" / "stories260k-hf"
+    require(p.is_dir(), f"{p} not found")
+    return p
+
+
+@pytest.fixture(scope="session")
+def text_dir(shared_dir: Path) -> Path:
+    p = shared_dir / "assets" / "text"
+    require(p.is_dir(), f"{p} not found")
+    return p
