@@ -1,0 +1,20 @@
+"""The `secateurs` command line."""
+from __future__ import annotations
+
+import typer
+
+from core.cli.unpack import unpack
+
+app = typer.Typer(no_args_is_help=True)
+
+
+@app.callback()
+def _root() -> None:
+    """secateurs: prune large language models."""
+
+
+app.command("unpack")(unpack)
+
+
+def main() -> None:
+    app()
