@@ -1,0 +1,1 @@
+"""Pruning jobs: state machine, API-facing service, worker-facing service."""

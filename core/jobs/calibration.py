@@ -1,0 +1,96 @@
+"""Uploaded calibration sets: .txt (one document per blank-line-separated paragraph, or the whole file)
+or .jsonl (one object per line with a string ``text`` field, or a JSON string per line)."""
+from __future__ import annotations
+
+import hashlib
+import json
+import tempfile
+from pathlib import Path
+from typing import BinaryIO
+
+from sqlalchemy.orm import Session
+
+from core.db.ids import new_id
+from core.db.models import CalibrationSet
+from core.db.repositories import CalibrationSetRepository
+from core.errors import InvalidInput, NotFound, TooLarge
+from core.storage import Storage
+
+FORMATS = {".txt": "txt", ".jsonl": "jsonl"}
+
+
+def _bad(msg: str) -> InvalidInput:
+    return InvalidInput(f"file: {msg}", errors=[{"loc": ["body", "file"], "msg": msg, "type": "value_error"}])
+
+
+def _count_records(path: Path, fmt: str) -> int:
+    try:
+        text = path.read_text("utf-8")
+    except UnicodeDecodeError:
+        raise _bad("must be UTF-8 text") from None
+    if fmt == "txt":
+        if not text.strip():
+            raise _bad("is empty")
+        return max(1, sum(1 for para in text.split("\n\n") if para.strip()))
+    n = 0
+    for i, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise _bad(f"line {i} is not JSON: {e.msg}") from None
+        t = obj.get("text") if isinstance(obj, dict) else obj
+        if not isinstance(t, str):
+            raise _bad(f"line {i} needs a string 'text' field")
+        if t.strip():
+            n += 1
+    if n == 0:
+        raise _bad("has no non-empty texts")
+    return n
+
+
+class CalibrationSetService:
+    def __init__(self, session: Session, tenant_id: str, storage: Storage, max_bytes: int) -> None:
+        self.repo = CalibrationSetRepository(session, tenant_id)
+        self.tenant_id = tenant_id
+        self.storage = storage
+        self.max_bytes = max_bytes
+
+    def upload(self, stream: BinaryIO, filename: str | None) -> CalibrationSet:
+        name = Path(filename or "").name
+        fmt = FORMATS.get(Path(name).suffix.lower())
+        if fmt is None:
+            raise _bad("must be a .txt or .jsonl file")
+        h = hashlib.sha256()
+        size = 0
+        with tempfile.TemporaryDirectory() as td:
+            tmp = Path(td) / name
+            with open(tmp, "wb") as out:
+                while chunk := stream.read(1024 * 1024):
+                    size += len(chunk)
+                    if size > self.max_bytes:
+                        raise TooLarge(f"calibration uploads are limited to {self.max_bytes} bytes")
+                    h.update(chunk)
+                    out.write(chunk)
+            if size == 0:
+                raise _bad("is empty")
+            records = _count_records(tmp, fmt)
+            set_id = new_id("cal")
+            key = f"tenants/{self.tenant_id}/calibration-sets/{set_id}/{'data.' + fmt}"
+            self.storage.put_file(key, tmp)
+        return self.repo.add(
+            CalibrationSet(
+                id=set_id, tenant_id=self.tenant_id, filename=name, format=fmt, size=size,
+                sha256=h.hexdigest(), records=records, storage_key=key,
+            )
+        )
+
+    def get(self, set_id: str) -> CalibrationSet:
+        cs = self.repo.get(set_id)
+        if cs is None:
+            raise NotFound(f"no calibration set {set_id!r}")
+        return cs
+
+    def list(self, *, after: str | None, limit: int) -> tuple[list[CalibrationSet], bool]:
+        return self.repo.list(after=after, limit=limit)

@@ -1,0 +1,194 @@
+"""Worker-facing job logic: atomic claim, heartbeats, progress, finishing, and the lost-job sweep.
+
+Every function takes a session and leaves the commit to the caller (the task boundary). Writes from a
+worker are fenced by ``attempt``: a worker that lost its job (lease expired, job handed on) cannot touch it.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from typing import Any, Literal
+
+from sqlalchemy.orm import Session
+
+from core.db.models import Artifact, Job, utcnow
+from core.db.repositories import JobRepository, SystemRepository
+from core.jobs.state import ACTIVE, JobStatus, transition
+
+WORKER_LOST = "worker_lost"
+
+
+@dataclass
+class Claim:
+    outcome: Literal["claimed", "skipped", "exhausted"]
+    job: Job | None = None
+    attempt: int = 0
+    reason: str = ""
+
+
+def _expired(job: Job, now: datetime) -> bool:
+    return job.lease_expires_at is None or job.lease_expires_at < now
+
+
+def _fail_lost(repo: JobRepository, job: Job, now: datetime) -> None:
+    transition(job, JobStatus.failed, now)
+    job.error_code = WORKER_LOST
+    job.error_message = f"the worker running this job was lost {job.attempt} time(s) (max_attempts={job.max_attempts})"
+    repo.add_event(job, "status", {"status": "failed", "error": {"code": job.error_code, "message": job.error_message}})
+
+
+def claim(session: Session, tenant_id: str, job_id: str, worker_id: str, lease_seconds: float) -> Claim:
+    """queued -> running with attempt += 1, atomically (row lock). Anything else is a no-op.
+
+    A running job whose lease expired (its worker died) is taken over; after ``max_attempts`` deliveries
+    it fails with ``worker_lost`` instead.
+    """
+    repo = JobRepository(session, tenant_id)
+    job = repo.get(job_id, lock=True)
+    now = utcnow()
+    if job is None:
+        return Claim("skipped", reason="no such job")
+    status = JobStatus(job.status)
+    if status is JobStatus.running and _expired(job, now):
+        if job.attempt >= job.max_attempts:
+            _fail_lost(repo, job, now)
+            return Claim("exhausted", job, job.attempt, "worker lost too often")
+        transition(job, JobStatus.queued, now)
+        repo.add_event(job, "status", {"status": "queued", "reason": f"worker lost during attempt {job.attempt}"})
+        status = JobStatus.queued
+    elif status is JobStatus.cancelling and _expired(job, now):
+        transition(job, JobStatus.cancelled, now)
+        repo.add_event(job, "status", {"status": "cancelled", "reason": "worker lost while cancelling"})
+        return Claim("skipped", job, job.attempt, "cancelled")
+    if status is not JobStatus.queued:
+        return Claim("skipped", job, job.attempt, f"job is {status.value}")
+    if job.attempt >= job.max_attempts:
+        _fail_lost(repo, job, now)
+        return Claim("exhausted", job, job.attempt, "max attempts reached")
+    transition(job, JobStatus.running, now)
+    job.attempt += 1
+    job.worker_id = worker_id
+    job.lease_expires_at = now + timedelta(seconds=lease_seconds)
+    job.progress = None
+    job.error_code = job.error_message = None
+    repo.add_event(job, "status", {"status": "running", "attempt": job.attempt, "worker": worker_id})
+    return Claim("claimed", job, job.attempt)
+
+
+def _owned(repo: JobRepository, job_id: str, attempt: int) -> Job | None:
+    job = repo.get(job_id, lock=True)
+    if job is None or job.attempt != attempt or JobStatus(job.status) not in ACTIVE:
+        return None
+    return job
+
+
+def heartbeat(session: Session, tenant_id: str, job_id: str, attempt: int, lease_seconds: float) -> str:
+    """Extend the lease. Returns 'ok', 'cancel' (cancel requested) or 'lost' (no longer ours)."""
+    repo = JobRepository(session, tenant_id)
+    job = _owned(repo, job_id, attempt)
+    if job is None:
+        return "lost"
+    job.lease_expires_at = utcnow() + timedelta(seconds=lease_seconds)
+    return "cancel" if job.cancel_requested else "ok"
+
+
+def report(
+    session: Session,
+    tenant_id: str,
+    job_id: str,
+    attempt: int,
+    lease_seconds: float,
+    *,
+    progress: dict[str, Any] | None = None,
+    event: tuple[str, dict[str, Any]] | None = None,
+) -> str:
+    """Record progress and/or an event; also a heartbeat. Same return values as ``heartbeat``."""
+    repo = JobRepository(session, tenant_id)
+    job = _owned(repo, job_id, attempt)
+    if job is None:
+        return "lost"
+    now = utcnow()
+    job.lease_expires_at = now + timedelta(seconds=lease_seconds)
+    if progress is not None:
+        job.progress = progress
+        job.updated_at = now
+        job.version += 1
+    if event is not None:
+        repo.add_event(job, *event)
+    return "cancel" if job.cancel_requested else "ok"
+
+
+def finish(
+    session: Session,
+    tenant_id: str,
+    job_id: str,
+    attempt: int,
+    *,
+    outcome: Literal["succeeded", "failed", "cancelled"],
+    artifacts: list[Artifact] | None = None,
+    metrics: dict[str, Any] | None = None,
+    error: tuple[str, str] | None = None,
+) -> str | None:
+    """End the attempt. A success for a job whose cancel was requested ends ``cancelled`` and publishes
+    nothing. Returns the final status, or None when the job is no longer this attempt's."""
+    repo = JobRepository(session, tenant_id)
+    job = _owned(repo, job_id, attempt)
+    if job is None:
+        return None
+    now = utcnow()
+    if outcome == "succeeded" and job.cancel_requested:
+        outcome = "cancelled"
+    if outcome == "cancelled" and job.status == JobStatus.running.value:
+        transition(job, JobStatus.cancelling, now)
+    if outcome == "succeeded":
+        repo.add_artifacts(artifacts or [])
+        job.metrics = metrics
+        if job.progress:
+            job.progress = {**job.progress, "fraction": 1.0, "eta_seconds": 0}
+        transition(job, JobStatus.succeeded, now)
+        if metrics is not None:
+            repo.add_event(job, "metrics", metrics)
+        repo.add_event(job, "status", {"status": "succeeded", "artifacts": len(artifacts or [])})
+    elif outcome == "cancelled":
+        transition(job, JobStatus.cancelled, now)
+        repo.add_event(job, "status", {"status": "cancelled"})
+    else:
+        code, message = error or ("internal_error", "unknown error")
+        job.error_code, job.error_message = code, message[:4000]
+        transition(job, JobStatus.failed, now)
+        repo.add_event(job, "status", {"status": "failed", "error": {"code": code, "message": job.error_message}})
+    return job.status
+
+
+def stale_jobs(session: Session, now: datetime | None = None) -> list[tuple[str, str]]:
+    return SystemRepository(session).stale_running(now or utcnow())
+
+
+def requeue_lost(session: Session, tenant_id: str, job_id: str) -> Literal["requeued", "failed", "cancelled", "none"]:
+    """The sweep's action on one job whose lease expired: hand it on, or fail it after max_attempts."""
+    repo = JobRepository(session, tenant_id)
+    job = repo.get(job_id, lock=True)
+    now = utcnow()
+    if job is None or JobStatus(job.status) not in ACTIVE or not _expired(job, now):
+        return "none"
+    if job.status == JobStatus.cancelling.value:
+        transition(job, JobStatus.cancelled, now)
+        repo.add_event(job, "status", {"status": "cancelled", "reason": "worker lost while cancelling"})
+        return "cancelled"
+    if job.attempt >= job.max_attempts:
+        _fail_lost(repo, job, now)
+        return "failed"
+    transition(job, JobStatus.queued, now)
+    job.enqueued_at = None
+    repo.add_event(job, "status", {"status": "queued", "reason": f"worker lost during attempt {job.attempt}"})
+    return "requeued"
+
+
+def never_enqueued(session: Session, grace_seconds: float = 30.0) -> list[tuple[str, str]]:
+    return SystemRepository(session).never_enqueued(utcnow() - timedelta(seconds=grace_seconds))
+
+
+def mark_enqueued(session: Session, tenant_id: str, job_id: str) -> None:
+    job = JobRepository(session, tenant_id).get(job_id, lock=True)
+    if job is not None and job.status == JobStatus.queued.value:
+        job.enqueued_at = utcnow()

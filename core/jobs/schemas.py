@@ -1,0 +1,122 @@
+"""The body of ``POST /v1/pruning-jobs``: PruneConfig's own fields and validators, plus API-only rules."""
+from __future__ import annotations
+
+import re
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, create_model, field_validator, model_validator
+
+from core.pruning.config import NAMED_SETS, PruneConfig
+
+# Fields a tenant may not set: the worker decides where and how code runs.
+_SERVER_SIDE = {"model", "device", "trust_remote_code", "calibration", "evaluation"}
+
+_copied: dict[str, Any] = {
+    name: (f.annotation, f) for name, f in PruneConfig.model_fields.items() if name not in _SERVER_SIDE
+}
+_PruneFields = create_model("_PruneFields", __config__=ConfigDict(extra="forbid"), **_copied)  # type: ignore[call-overload]
+
+CAL_ID = re.compile(r"^cal_[0-9a-f]{26}$")
+
+
+class CalibrationIn(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    source: str | None = Field(None, description=f"named set: {', '.join(NAMED_SETS)}", examples=["c4"])
+    calibration_set_id: str | None = Field(None, description="id of an uploaded calibration set (cal_...)")
+    texts: list[str] | None = Field(None, max_length=10_000, description="inline texts")
+    nsamples: int = Field(128, ge=1, le=100_000)
+    seqlen: int = Field(2048, ge=2, le=1_048_576)
+    seed: int = 0
+
+    @field_validator("source")
+    @classmethod
+    def _named(cls, v: str | None) -> str | None:
+        if v is not None and v not in NAMED_SETS:
+            raise ValueError(f"must be one of {', '.join(NAMED_SETS)} (upload files as calibration sets)")
+        return v
+
+    @field_validator("calibration_set_id")
+    @classmethod
+    def _cal_id(cls, v: str | None) -> str | None:
+        if v is not None and not CAL_ID.match(v):
+            raise ValueError("not a calibration set id")
+        return v
+
+    @model_validator(mode="after")
+    def _one_source(self) -> CalibrationIn:
+        given = [n for n in ("source", "calibration_set_id", "texts") if getattr(self, n) is not None]
+        if len(given) > 1:
+            raise ValueError(f"give only one of source, calibration_set_id, texts (got {', '.join(given)})")
+        return self
+
+
+class EvaluationIn(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    source: str | None = Field(None, description=f"named set: {', '.join(NAMED_SETS)}")
+    calibration_set_id: str | None = Field(None, description="evaluate on an uploaded text set instead")
+    seqlen: int | None = Field(None, ge=2)
+    max_windows: int | None = Field(None, ge=1)
+    batch_size: int = Field(8, ge=1, le=1024)
+
+    @field_validator("source")
+    @classmethod
+    def _named(cls, v: str | None) -> str | None:
+        if v is not None and v not in NAMED_SETS:
+            raise ValueError(f"must be one of {', '.join(NAMED_SETS)}")
+        return v
+
+    @field_validator("calibration_set_id")
+    @classmethod
+    def _cal_id(cls, v: str | None) -> str | None:
+        if v is not None and not CAL_ID.match(v):
+            raise ValueError("not a calibration set id")
+        return v
+
+    @model_validator(mode="after")
+    def _one(self) -> EvaluationIn:
+        if self.source is not None and self.calibration_set_id is not None:
+            raise ValueError("give only one of source, calibration_set_id")
+        return self
+
+
+class JobCreate(_PruneFields):  # type: ignore[misc, valid-type]
+    model: str = Field(
+        ...,
+        min_length=1,
+        max_length=1024,
+        description="Hugging Face hub id, a local directory inside an allowed root, or an s3:// prefix",
+        examples=["meta-llama/Llama-3.2-1B"],
+    )
+    calibration: CalibrationIn = Field(default_factory=CalibrationIn)
+    evaluation: EvaluationIn | None = None
+    metadata: dict[str, str] = Field(default_factory=dict, description="up to 16 string pairs, echoed back")
+
+    @field_validator("metadata")
+    @classmethod
+    def _small(cls, v: dict[str, str]) -> dict[str, str]:
+        if len(v) > 16:
+            raise ValueError("at most 16 keys")
+        for k, val in v.items():
+            if not 1 <= len(k) <= 64:
+                raise ValueError(f"key {k[:70]!r} must be 1-64 characters")
+            if len(val) > 512:
+                raise ValueError(f"value of {k!r} must be at most 512 characters")
+        return v
+
+    model_config = ConfigDict(
+        extra="forbid",
+        json_schema_extra={
+            "examples": [
+                {
+                    "model": "meta-llama/Llama-3.2-1B",
+                    "method": "wanda",
+                    "sparsity": 0.5,
+                    "calibration": {"source": "c4", "nsamples": 128, "seqlen": 2048},
+                    "metadata": {"team": "search"},
+                },
+                {"model": "s3://models/llama-3.2-1b/", "method": "sparsegpt", "pattern": "2:4"},
+            ]
+        },
+    )

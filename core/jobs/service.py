@@ -1,0 +1,237 @@
+"""API-facing job logic: create (validated into a PruneConfig), get, list, cancel, events, artifacts.
+
+Services never commit: the caller (request or task) owns the transaction boundary.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from dataclasses import dataclass
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+from pydantic import ValidationError
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session
+
+from core.db.ids import new_id
+from core.db.models import Artifact, IdempotencyRecord, Job, JobEvent, utcnow
+from core.db.repositories import CalibrationSetRepository, IdempotencyRepository, JobRepository
+from core.errors import Conflict, InvalidInput, NotFound
+from core.jobs.schemas import JobCreate
+from core.jobs.state import TERMINAL, JobStatus, transition
+from core.pruning.config import PruneConfig
+from core.settings import Settings
+
+HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,95}(/[A-Za-z0-9][A-Za-z0-9._-]{0,95})?$")
+S3_URI = re.compile(r"^s3://[a-z0-9][a-z0-9.-]{1,61}[a-z0-9](/.*)?$")
+
+
+def classify_model(model: str, roots: list[Path]) -> str:
+    """'hub', 'local' or 's3'; raises InvalidInput naming ``model``."""
+    if model.startswith("s3://"):
+        if not S3_URI.match(model):
+            raise InvalidInput.field(["model"], "not a valid s3://bucket/prefix URI")
+        return "s3"
+    looks_local = model.startswith(("/", ".", "~", "file:")) or "\\" in model or model.count("/") > 1
+    if not looks_local:
+        if ".." in model or not HUB_ID.match(model):
+            raise InvalidInput.field(["model"], "not a hub id (org/name), an allowed local path or an s3:// URI")
+        return "hub"
+    raw = model.removeprefix("file://")
+    p = Path(raw).expanduser()
+    if not p.is_absolute():
+        raise InvalidInput.field(["model"], "local model paths must be absolute")
+    resolved = p.resolve()
+    if not any(resolved == r or resolved.is_relative_to(r) for r in roots):
+        raise InvalidInput.field(["model"], "path is outside the allowed model roots")
+    if not resolved.is_dir():
+        raise InvalidInput.field(["model"], "no model directory at this path")
+    return "local"
+
+
+def request_hash(body: JobCreate) -> str:
+    canon = json.dumps(body.model_dump(mode="json"), sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(canon.encode()).hexdigest()
+
+
+def _pydantic_to_invalid(e: ValidationError, prefix: list[str | int]) -> InvalidInput:
+    errors = []
+    for err in e.errors(include_url=False):
+        loc = [*prefix, *err["loc"]]
+        msg = str(err["msg"]).removeprefix("Value error, ")
+        errors.append({"loc": ["body", *loc], "msg": msg, "type": err["type"]})
+    first = errors[0]
+    where = ".".join(str(x) for x in first["loc"][1:]) or "body"
+    return InvalidInput(f"{where}: {first['msg']}", errors=errors)
+
+
+@dataclass
+class StoredResponse:
+    status: int
+    body: dict[str, Any]
+    headers: dict[str, str]
+
+
+class JobService:
+    def __init__(self, session: Session, tenant_id: str, settings: Settings) -> None:
+        self.session = session
+        self.tenant_id = tenant_id
+        self.settings = settings
+        self.jobs = JobRepository(session, tenant_id)
+        self.cals = CalibrationSetRepository(session, tenant_id)
+        self.idem = IdempotencyRepository(session, tenant_id)
+
+    # create ----------------------------------------------------------------------------------
+    def build_config(self, body: JobCreate) -> PruneConfig:
+        """Map the API body onto PruneConfig; every rejection names the field."""
+        classify_model(body.model, self.settings.model_roots)
+        data = body.model_dump(exclude={"metadata", "calibration", "evaluation"})
+        cal = body.calibration
+        if cal.calibration_set_id is not None and self.cals.get(cal.calibration_set_id) is None:
+            raise InvalidInput.field(["calibration", "calibration_set_id"], "no such calibration set")
+        data["calibration"] = {
+            "source": cal.source or ("uploaded:" + cal.calibration_set_id if cal.calibration_set_id else "c4"),
+            "texts": cal.texts,
+            "nsamples": cal.nsamples,
+            "seqlen": cal.seqlen,
+            "seed": cal.seed,
+        }
+        ev = body.evaluation
+        if ev is not None:
+            if ev.calibration_set_id is not None and self.cals.get(ev.calibration_set_id) is None:
+                raise InvalidInput.field(["evaluation", "calibration_set_id"], "no such calibration set")
+            data["evaluation"] = {
+                "source": ev.source or ("uploaded:" + ev.calibration_set_id if ev.calibration_set_id else "wikitext2"),
+                "seqlen": ev.seqlen,
+                "max_windows": ev.max_windows,
+                "batch_size": ev.batch_size,
+            }
+        data["device"] = self.settings.device
+        try:
+            return PruneConfig.model_validate(data)
+        except ValidationError as e:
+            raise _pydantic_to_invalid(e, []) from None
+
+    def create(self, body: JobCreate) -> Job:
+        config = self.build_config(body)
+        now = utcnow()
+        job = Job(
+            id=new_id("job"),
+            tenant_id=self.tenant_id,
+            status=JobStatus.queued.value,
+            request=body.model_dump(mode="json", exclude={"metadata"}),
+            config=config.model_dump(mode="json"),
+            job_metadata=dict(body.metadata),
+            calibration_set_id=body.calibration.calibration_set_id,
+            evaluation_set_id=body.evaluation.calibration_set_id if body.evaluation else None,
+            attempt=0,
+            max_attempts=self.settings.max_attempts,
+            cancel_requested=False,
+            event_seq=0,
+            version=1,
+            created_at=now,
+            updated_at=now,
+            queued_at=now,
+        )
+        self.jobs.add(job)
+        self.jobs.add_event(job, "status", {"status": "queued"})
+        return job
+
+    def mark_enqueued(self, job_id: str) -> None:
+        job = self.jobs.get(job_id, lock=True)
+        if job is not None and job.enqueued_at is None:
+            job.enqueued_at = utcnow()
+
+    # idempotency -----------------------------------------------------------------------------
+    def idempotency_begin(self, key: str, req_hash: str) -> StoredResponse | None:
+        """Reserve ``key`` (the caller commits) or return the stored response of an earlier request.
+
+        Same key + different body -> 422; same key while the first request is unfinished -> 409.
+        """
+        if not 1 <= len(key) <= 255:
+            raise InvalidInput("Idempotency-Key must be 1-255 characters",
+                               errors=[{"loc": ["header", "Idempotency-Key"], "msg": "must be 1-255 characters", "type": "value_error"}])
+        now = utcnow()
+        rec = self.idem.get(key, lock=True)
+        if rec is None:
+            try:
+                with self.session.begin_nested():
+                    self.idem.add(IdempotencyRecord(tenant_id=self.tenant_id, key=key, request_hash=req_hash, locked_at=now))
+                return None
+            except IntegrityError:
+                rec = self.idem.get(key, lock=True)
+                if rec is None:  # pragma: no cover - deleted in between
+                    raise Conflict("Idempotency-Key is being used by a concurrent request") from None
+        if rec.request_hash != req_hash:
+            raise InvalidInput(
+                "Idempotency-Key was already used with a different request body",
+                errors=[{"loc": ["header", "Idempotency-Key"], "msg": "reused with a different body", "type": "idempotency_mismatch"}],
+                code="idempotency_key_reused",
+            )
+        if rec.response_status is None:
+            stale = rec.locked_at is None or rec.locked_at < now - timedelta(seconds=self.settings.idempotency_lock_seconds)
+            if not stale:
+                raise Conflict("a request with this Idempotency-Key is still being processed", code="idempotency_in_progress")
+            rec.locked_at = now
+            return None
+        return StoredResponse(rec.response_status, rec.response_body or {}, dict(rec.response_headers or {}))
+
+    def idempotency_complete(self, key: str, status: int, body: dict[str, Any], headers: dict[str, str]) -> None:
+        rec = self.idem.get(key, lock=True)
+        if rec is not None:
+            rec.response_status, rec.response_body, rec.response_headers = status, body, headers
+            rec.locked_at = None
+
+    def idempotency_abandon(self, key: str) -> None:
+        self.idem.delete(key)
+
+    # read ------------------------------------------------------------------------------------
+    def get(self, job_id: str, *, lock: bool = False) -> Job:
+        job = self.jobs.get(job_id, lock=lock)
+        if job is None:
+            raise NotFound(f"no pruning job {job_id!r}")
+        return job
+
+    def list(self, *, statuses: list[str] | None, after: str | None, limit: int) -> tuple[list[Job], bool]:
+        if statuses:
+            bad = [s for s in statuses if s not in JobStatus.__members__]
+            if bad:
+                raise InvalidInput(f"unknown status {bad[0]!r}",
+                                   errors=[{"loc": ["query", "status"], "msg": f"unknown status {bad[0]!r}", "type": "enum"}])
+        return self.jobs.list(statuses=statuses, after=after, limit=limit)
+
+    def events(self, job_id: str, *, after: int, limit: int) -> tuple[list[JobEvent], bool]:
+        self.get(job_id)
+        return self.jobs.events(job_id, after=after, limit=limit)
+
+    def artifacts(self, job_id: str) -> list[Artifact]:
+        self.get(job_id)
+        return self.jobs.artifacts(job_id)
+
+    def artifact(self, job_id: str, name: str) -> Artifact:
+        self.get(job_id)
+        art = self.jobs.artifact(job_id, name)
+        if art is None:
+            raise NotFound(f"job {job_id!r} has no artifact {name!r}")
+        return art
+
+    # cancel ----------------------------------------------------------------------------------
+    def cancel(self, job_id: str) -> Job:
+        """queued -> cancelled at once; running -> cancelling (the worker stops between blocks).
+
+        Idempotent for cancelling/cancelled; 409 for a job that already succeeded or failed.
+        """
+        job = self.get(job_id, lock=True)
+        status = JobStatus(job.status)
+        if status in (JobStatus.cancelling, JobStatus.cancelled):
+            return job
+        if status in TERMINAL:
+            raise Conflict(f"job {job_id!r} already {status.value}", code="job_finished")
+        job.cancel_requested = True
+        new = JobStatus.cancelled if status is JobStatus.queued else JobStatus.cancelling
+        transition(job, new)
+        self.jobs.add_event(job, "status", {"status": new.value, "reason": "cancel requested"})
+        return job
