@@ -31,6 +31,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from core.pruning.errors import InvalidModelError
+from core.pruning.masks import pack_mask, unpack_mask
 
 FORMAT, VERSION = "secateurs-compact", 1
 META = "compact.json"
@@ -50,14 +51,6 @@ Source = str | Path | Mapping[str, torch.Tensor] | nn.Module
 def _bits(t: torch.Tensor) -> torch.Tensor:
     """Integer view with the same bits, so that `!= 0` is a bitwise test."""
     return t.contiguous().view(_INT[t.element_size()])
-
-
-def pack_bits(mask: torch.Tensor) -> torch.Tensor:
-    return torch.from_numpy(np.packbits(mask.reshape(-1).cpu().numpy(), bitorder="little"))
-
-
-def unpack_bits(packed: torch.Tensor, n: int) -> torch.Tensor:
-    return torch.from_numpy(np.unpackbits(packed.numpy(), count=n, bitorder="little").astype(bool))
 
 
 def _pack_2bit(p: torch.Tensor) -> torch.Tensor:
@@ -98,7 +91,7 @@ def encode(name: str, t: torch.Tensor, enc: str) -> dict[str, torch.Tensor]:
     b = _bits(t)
     if enc == "bitmask":
         keep = b != 0
-        return {f"{name}.values": b[keep].view(t.dtype), f"{name}.mask": pack_bits(keep)}
+        return {f"{name}.values": b[keep].view(t.dtype), f"{name}.mask": pack_mask(keep)}
     if enc == "2:4":
         rows, cols = t.shape
         g = b.view(rows, cols // 4, 4)
@@ -116,7 +109,7 @@ def decode(name: str, info: dict, get: Callable[[str], torch.Tensor]) -> torch.T
         return get(name)
     n = int(np.prod(shape))
     if enc == "bitmask":
-        keep = unpack_bits(get(f"{name}.mask"), n)
+        keep = unpack_mask(get(f"{name}.mask"), (n,))
         vals = get(f"{name}.values")
         out = torch.zeros(n, dtype=_INT[vals.element_size()])
         out[keep] = _bits(vals)
