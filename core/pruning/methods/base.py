@@ -1,0 +1,55 @@
+"""The one small interface every pruning method implements. A new method is one file in this package."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import torch
+
+from core.pruning.config import PruneConfig
+
+REGISTRY: dict[str, type[Method]] = {}
+
+
+@dataclass(frozen=True)
+class Target:
+    sparsity: float  # fraction removed (unstructured)
+    nm: tuple[int, int] | None = None  # keep at most n of every m consecutive inputs
+
+
+@dataclass
+class Pruned:
+    weight: torch.Tensor  # [out, in], float32, zeros where pruned
+    mask: torch.Tensor  # bool [out, in], True = removed
+    info: dict[str, Any] = field(default_factory=dict)
+
+
+class Stats:
+    """Accumulates what a method needs from a layer's inputs; x is [..., in_features] on the compute device."""
+
+    def add_batch(self, x: torch.Tensor) -> None:  # pragma: no cover - interface
+        raise NotImplementedError
+
+
+class Method:
+    name: ClassVar[str]
+    needs_inputs: ClassVar[bool] = True
+
+    def __init_subclass__(cls, **kw: Any) -> None:
+        super().__init_subclass__(**kw)
+        if "name" in cls.__dict__:
+            REGISTRY[cls.name] = cls
+
+    def __init__(self, config: PruneConfig):
+        self.config = config
+
+    def stats(self, in_features: int, device: torch.device) -> Stats | None:
+        return None
+
+    def prune(self, w: torch.Tensor, stats: Stats | None, target: Target) -> Pruned:  # pragma: no cover
+        raise NotImplementedError
+
+
+def tokens_first(x: torch.Tensor) -> torch.Tensor:
+    """[..., in] activations as float32 [tokens, in]."""
+    return x.reshape(-1, x.shape[-1]).float()

@@ -1,0 +1,63 @@
+"""Wanda (Sun et al., 2023): S_ij = |W_ij| · ‖X_j‖₂, compared within each output row; no weight update."""
+from __future__ import annotations
+
+import torch
+
+from core.pruning import patterns
+from core.pruning.methods.base import Method, Pruned, Stats, Target, tokens_first
+
+
+class InputNorms(Stats):
+    """s_j ← s_j·n/(n+b) + ‖X_{:,j}‖₂²/(n+b), n counting samples (sequences), as the reference keeps it."""
+
+    def __init__(self, in_features: int, device: torch.device):
+        self.sq = torch.zeros(in_features, dtype=torch.float32, device=device)
+        self.n = 0
+
+    def add_batch(self, x: torch.Tensor) -> None:
+        b = x.shape[0] if x.dim() > 2 else 1
+        x = tokens_first(x)
+        self.sq.mul_(self.n / (self.n + b))
+        self.n += b
+        self.sq.add_(x.pow(2).sum(0) / self.n)
+
+
+class Wanda(Method):
+    name = "wanda"
+
+    def stats(self, in_features: int, device: torch.device) -> Stats:
+        return InputNorms(in_features, device)
+
+    def prune(self, w: torch.Tensor, stats: Stats | None, target: Target) -> Pruned:
+        assert isinstance(stats, InputNorms)
+        score = w.abs() * stats.sq.sqrt().unsqueeze(0)  # S = |W| · ‖X_j‖
+        info = {}
+        if target.nm is not None:
+            mask = patterns.nm_mask(score, *target.nm)
+        elif self.config.wanda_alpha_search:
+            mask, alpha = cumulative_mask(score, target.sparsity)
+            info["alpha"] = alpha
+        else:
+            mask = patterns.lowest_per_row(score, target.sparsity)
+        return Pruned(w.masked_fill(mask, 0), mask, info)
+
+
+def cumulative_mask(score: torch.Tensor, sparsity: float, tol: float = 1e-3) -> tuple[torch.Tensor, float]:
+    """Variant: per row remove entries whose cumulative sorted score ≤ α·row sum; bisect α in [0, 0.8]."""
+    srt, idx = torch.sort(score, dim=1, stable=True)
+    cum = torch.cumsum(srt, dim=1)
+    total = score.sum(dim=1, keepdim=True)
+
+    def mask_for(alpha: float) -> torch.Tensor:
+        return torch.zeros_like(score, dtype=torch.bool).scatter_(1, idx, cum <= alpha * total)
+
+    lo, hi, alpha = 0.0, 0.8, 0.4
+    mask = mask_for(alpha)
+    while abs(mask.float().mean().item() - sparsity) > tol and hi - lo >= tol:
+        if mask.float().mean().item() > sparsity:
+            hi = alpha
+        else:
+            lo = alpha
+        alpha = (lo + hi) / 2
+        mask = mask_for(alpha)
+    return mask, alpha

@@ -1,0 +1,210 @@
+"""One pruning run end to end: load → calibrate → (evaluate dense) → (structure) → prune block by block →
+(evaluate) → export. The single entry point the CLI and the worker call."""
+from __future__ import annotations
+
+import math
+import platform
+import resource
+import sys
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from core.pruning import calibration, engine, evaluate, export, methods, models
+from core.pruning.config import PruneConfig
+from core.pruning.export import FileEntry
+from core.pruning.progress import Progress, ProgressFn, StopFn, never_stop, no_progress
+
+TOKENS_PER_BATCH = 4096  # calibration windows run through a block together (same results, fewer calls)
+
+
+@dataclass
+class PruneResult:
+    out_dir: Path
+    metrics: dict[str, Any]
+    files: list[FileEntry]
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(name)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {name!r} requested but CUDA is not available")
+    return dev
+
+
+class _Clock:
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = {}
+
+    @contextmanager
+    def stage(self, name: str) -> Iterator[None]:
+        t = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.seconds[name] = round(self.seconds.get(name, 0.0) + time.perf_counter() - t, 4)
+
+
+def prune(config: PruneConfig, out_dir: Path | str, on_progress: ProgressFn = no_progress,
+          should_stop: StopFn = never_stop) -> PruneResult:
+    out_dir = Path(out_dir)
+    export.check_out_dir(out_dir)
+    device = resolve_device(config.device)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    clock, started = _Clock(), time.perf_counter()
+    method = methods.get(config.method)(config)
+
+    on_progress(Progress("load", f"loading {config.model}"))
+    with clock.stage("load"):
+        loaded = models.load(config.model, config.dtype, config.trust_remote_code, config.revision)
+    model, tok = loaded.model, loaded.tokenizer
+    params_before = models.count_params(model)
+    _, blocks = models.find_blocks(model)
+
+    on_progress(Progress("calibrate", "building calibration windows"))
+    with clock.stage("calibrate"):
+        cal = calibration.build(config.calibration, tok, models.max_positions(model))
+    seqlen = cal.tokens.shape[1]
+    batch = max(1, TOKENS_PER_BATCH // seqlen)
+
+    ppl: dict[str, Any] | None = None
+    if config.evaluation is not None and loaded.causal:
+        with clock.stage("evaluate_dense"):
+            ev_ids, ev_protocol = evaluate.eval_tokens(config.evaluation, tok)
+            ev_seqlen = min(config.evaluation.seqlen or seqlen, models.max_positions(model) or 1 << 30)
+            on_progress(Progress("evaluate_dense", "perplexity of the dense model"))
+            dense = _perplexity(model, ev_ids, ev_seqlen, config, device)
+        ppl = {"dense": dense["perplexity"], "protocol": {**ev_protocol, **{k: dense[k] for k in
+                                                                           ("windows", "seqlen", "tokens_scored")}}}
+
+    structure_metrics = None
+    if config.structure is not None:
+        from core.pruning.structured import apply_structure
+
+        with clock.stage("structure"):
+            structure_metrics = apply_structure(model, cal.tokens, config.structure, device=device,
+                                                batch_size=batch, on_progress=on_progress)
+        _, blocks = models.find_blocks(model)
+
+    layers: list[engine.LayerReport] = []
+    masks, shapes, block_sparsity = {}, {}, None
+    if config.sparsity is not None or config.nm is not None:
+        with clock.stage("schedule"):
+            block_sparsity = _block_sparsity(config, model, cal.tokens, device, batch)
+        with clock.stage("prune"):
+            res = engine.prune_blocks(
+                model, cal.tokens, method, device=device, block_sparsity=block_sparsity, nm=config.nm,
+                exclude=config.exclude, overrides=config.overrides, true_sequential=config.true_sequential,
+                propagate=config.propagate, batch_size=batch, on_progress=on_progress, should_stop=should_stop)
+        layers, masks, shapes = res.layers, res.masks, res.mask_shapes
+
+    if ppl is not None:
+        with clock.stage("evaluate"):
+            on_progress(Progress("evaluate", "perplexity of the pruned model"))
+            ppl["pruned"] = _perplexity(model, ev_ids, ev_seqlen, config, device)["perplexity"]
+
+    pruned_numel = sum(math.prod(r.shape) for r in layers)
+    zeros = sum(r.sparsity * math.prod(r.shape) for r in layers)
+    metrics: dict[str, Any] = {
+        "format": "secateurs.metrics/1",
+        "method": config.method,
+        "config": config.model_dump(mode="json"),
+        "model": {"source": loaded.source, "class": type(model).__name__, "blocks": len(blocks),
+                  "dtype": str(next(model.parameters()).dtype).removeprefix("torch."),
+                  "params_before": params_before, "params_after": models.count_params(model)},
+        "calibration": cal.protocol | {"batch_windows": batch},
+        "device": str(device),
+        "achieved_sparsity": zeros / pruned_numel if pruned_numel else 0.0,
+        "pruned_weights": pruned_numel,
+        "block_sparsity": block_sparsity,
+        "layers": [{"name": r.name, "shape": list(r.shape), "target": r.target, "pattern": r.pattern,
+                    "sparsity": r.sparsity, **r.info} for r in layers],
+        "damping_retries": sum(r.info.get("damping_retries", 0) for r in layers),
+        "perplexity": ppl,
+        "structure": structure_metrics,
+        "versions": _versions(),
+    }
+    if should_stop():
+        from core.pruning.errors import Cancelled
+
+        raise Cancelled("stopped before export")
+    on_progress(Progress("export", f"writing {out_dir}"))
+    with clock.stage("export"):
+        metrics["timings"] = clock.seconds | {"total": round(time.perf_counter() - started, 4)}
+        metrics["memory"] = _memory(device)
+        extra = _compact_writer(config) if config.export.compact else None
+        files = export.write_output(
+            out_dir, model=model if config.export.save_model else None, tokenizer=tok,
+            masks=masks if config.export.masks else {}, mask_shapes=shapes, metrics=_finite(metrics),
+            max_shard_size=config.export.max_shard_size, extra=extra)
+    metrics["timings"] = clock.seconds | {"total": round(time.perf_counter() - started, 4)}
+    return PruneResult(out_dir, _finite(metrics), files)
+
+
+def _perplexity(model: torch.nn.Module, ids: torch.Tensor, seqlen: int, config: PruneConfig,
+                device: torch.device) -> dict[str, Any]:
+    ev = config.evaluation
+    assert ev is not None
+    if device.type != "cpu":
+        model.to(device)
+    try:
+        return evaluate.perplexity(model, ids, seqlen, ev.batch_size, ev.max_windows, device)
+    finally:
+        if device.type != "cpu":
+            model.to("cpu")
+            torch.cuda.empty_cache()
+
+
+def _block_sparsity(config: PruneConfig, model: torch.nn.Module, tokens: torch.Tensor, device: torch.device,
+                    batch: int) -> list[float]:
+    _, blocks = models.find_blocks(model)
+    if config.schedule.kind == "uniform" or config.nm is not None:
+        return [config.target_sparsity] * len(blocks)
+    from core.pruning import schedules
+
+    return schedules.for_model(config, model, tokens, device=device, batch_size=batch)
+
+
+def _compact_writer(config: PruneConfig):
+    from core.pruning import compact
+
+    def write(tmp: Path) -> None:
+        compact.pack_checkpoint(tmp, tmp / "compact")
+
+    return write
+
+
+def _memory(device: torch.device) -> dict[str, Any]:
+    mem: dict[str, Any] = {"peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}
+    if device.type == "cuda":
+        mem["cuda_peak_bytes"] = torch.cuda.max_memory_allocated(device)
+    return mem
+
+
+def _versions() -> dict[str, str]:
+    import transformers
+
+    import core
+
+    return {"python": platform.python_version(), "torch": torch.__version__,
+            "transformers": transformers.__version__, "secateurs": getattr(core, "__version__", "0.1.0"),
+            "platform": sys.platform}
+
+
+def _finite(o: Any) -> Any:
+    """JSON has no NaN/Infinity: such values become null."""
+    if isinstance(o, float):
+        return o if math.isfinite(o) else None
+    if isinstance(o, dict):
+        return {k: _finite(v) for k, v in o.items()}
+    if isinstance(o, list):
+        return [_finite(v) for v in o]
+    return o
