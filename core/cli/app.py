@@ -15,6 +15,10 @@ def _root() -> None:
 
 app.command("unpack")(unpack)
 
+from core.cli.service import app as service_app  # noqa: E402
+
+app.add_typer(service_app, name="service")
+
 
 def main() -> None:
     app()
