@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import typer
 
+from core.cli.prune import prune
 from core.cli.unpack import unpack
 
 app = typer.Typer(no_args_is_help=True)
@@ -13,6 +14,7 @@ def _root() -> None:
     """secateurs: prune large language models."""
 
 
+app.command("prune")(prune)
 app.command("unpack")(unpack)
 
 from core.cli.service import app as service_app  # noqa: E402
