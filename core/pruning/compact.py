@@ -162,11 +162,15 @@ def _shards(source: Source, out: Path, aliases: dict[str, str]):
     """Yield (original shard file name, [(name, tensor)]) one shard at a time; copy side files to `out`."""
     if isinstance(source, (str, Path)):
         src = Path(source)
-        files = sorted(src.glob("*.safetensors"))
+        index = src / "model.safetensors.index.json"
+        if index.is_file():  # the model's own weight files only (not e.g. a masks.safetensors beside them)
+            files = [src / f for f in sorted(set(json.loads(index.read_text())["weight_map"].values()))]
+        else:
+            files = [src / "model.safetensors"] if (src / "model.safetensors").is_file() else []
         if not files:
-            raise InvalidModelError(f"{src} has no .safetensors files to pack")
+            raise InvalidModelError(f"{src} has no model.safetensors (or index) to pack")
         for f in src.iterdir():
-            if f.is_file() and f.suffix != ".safetensors" and f.name != "model.safetensors.index.json":
+            if f.is_file() and f.suffix != ".safetensors" and f != index:
                 shutil.copy2(f, out / f.name)
         for f in files:
             with safe_open(str(f), framework="pt") as h:

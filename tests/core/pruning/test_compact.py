@@ -109,7 +109,9 @@ def test_model_dir_round_trip_loads_in_transformers(tmp_path, dtype, two_four):
     model = _tiny_llama(dtype)
     _prune(model, two_four)
     model.save_pretrained(tmp_path / "dense")
+    save_file({"x": torch.zeros(3, dtype=torch.uint8)}, str(tmp_path / "dense" / "masks.safetensors"))
     compact.pack_checkpoint(tmp_path / "dense", tmp_path / "c")
+    assert not (tmp_path / "c" / "compact-masks.safetensors").exists()  # only the model's weight files
     meta = compact.read_meta(tmp_path / "c")["tensors"]
     want = "2:4" if two_four else "bitmask"
     assert {e["encoding"] for n, e in meta.items() if "layers" in n and n.endswith("proj.weight")} == {want}
