@@ -42,3 +42,24 @@ def text_dir(shared_dir: Path) -> Path:
     p = shared_dir / "assets" / "text"
     require(p.is_dir(), f"{p} not found")
     return p
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory):
+    """tiny_model(arch) -> directory of a saved tiny model of that architecture (built once per session)."""
+    from tests.fixtures import tiny_models
+
+    built: dict[str, Path] = {}
+
+    def get(arch: str) -> Path:
+        if arch not in built:
+            built[arch] = tiny_models.build(arch, tmp_path_factory.mktemp(f"tiny-{arch}"))
+        return built[arch]
+
+    return get
+
+
+def pytest_configure(config):
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()

@@ -194,7 +194,8 @@ def prune_blocks(model: nn.Module, tokens: torch.Tensor, method: Method, *, devi
                     dense_out = outs if keep else dense_out
                 for n in group:
                     layer = layers[n]
-                    w = models.get_weight(layer).to(device=device, dtype=torch.float32, copy=True)
+                    w = models.get_weight(layer).to(device, torch.float32, copy=True,
+                                                    memory_format=torch.contiguous_format)
                     res = method.prune(w, stats.pop(n), targets[n])
                     models.set_weight(layer, res.weight)
                     del w

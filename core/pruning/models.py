@@ -28,7 +28,7 @@ class Loaded:
 
 def load(model_id: str, dtype: str = "auto", trust_remote_code: bool = False, revision: str | None = None) -> Loaded:
     """Load a checkpoint (local directory or hub id) on CPU; blocks are moved to the device one at a time."""
-    from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoConfig, AutoTokenizer
 
     path = Path(model_id).expanduser()
     looks_local = path.is_absolute() or model_id.startswith((".", "~")) or path.exists()
@@ -47,13 +47,9 @@ def load(model_id: str, dtype: str = "auto", trust_remote_code: bool = False, re
     torch_dtype = DTYPES.get(dtype, "auto")
     load_kw = dict(kw, low_cpu_mem_usage=True, use_safetensors=_has_safetensors(path) if looks_local else None)
     load_kw[_dtype_kwarg()] = torch_dtype
-    causal = True
+    cls, causal = model_class(config, trust_remote_code)
     try:
-        try:
-            model = AutoModelForCausalLM.from_pretrained(src, **load_kw)
-        except ValueError:  # encoders (BERT & co.) have no causal head
-            causal = False
-            model = AutoModel.from_pretrained(src, **load_kw)
+        model = cls.from_pretrained(src, **load_kw)
         tokenizer = AutoTokenizer.from_pretrained(src, **kw)
     except OSError as e:
         raise ModelNotFoundError(f"cannot load model {model_id!r}: {_first_line(e)}") from e
@@ -62,6 +58,20 @@ def load(model_id: str, dtype: str = "auto", trust_remote_code: bool = False, re
     model.eval()
     del config
     return Loaded(model=model, tokenizer=tokenizer, causal=causal, source=src)
+
+
+def model_class(config: object, trust_remote_code: bool) -> tuple[type, bool]:
+    """The class the checkpoint declares (so an encoder keeps its own head, or none), else a causal LM."""
+    import transformers
+    from transformers import AutoModel, AutoModelForCausalLM
+
+    for arch in getattr(config, "architectures", None) or []:
+        cls = getattr(transformers, arch, None)
+        if cls is not None:
+            return cls, arch.endswith(("ForCausalLM", "LMHeadModel"))
+    if trust_remote_code or type(config) in AutoModelForCausalLM._model_mapping:
+        return AutoModelForCausalLM, True
+    return AutoModel, False
 
 
 def _dtype_kwarg() -> str:

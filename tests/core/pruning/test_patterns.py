@@ -1,0 +1,54 @@
+import torch
+
+from core.pruning import patterns
+from core.pruning.masks import pack_mask, unpack_mask
+
+
+def test_lowest_per_row_removes_exactly_int_in_p_per_row():
+    s = torch.rand(7, 30)
+    m = patterns.lowest_per_row(s, 0.37)
+    assert (m.sum(1) == int(30 * 0.37)).all()
+    # every removed score is below every kept score of the same row
+    for r in range(7):
+        assert s[r][m[r]].max() <= s[r][~m[r]].min()
+
+
+def test_lowest_overall_uses_one_threshold():
+    s = torch.rand(8, 16)
+    m = patterns.lowest_overall(s, 0.5)
+    assert m.sum() == 64
+    assert s[m].max() <= s[~m].min()
+
+
+def test_nm_mask_keeps_the_n_largest_of_each_group():
+    for n, mm in [(2, 4), (4, 8), (1, 4), (3, 5)]:
+        s = torch.rand(5, 40)
+        m = patterns.nm_mask(s, n, mm)
+        w = torch.ones_like(s).masked_fill(m, 0)
+        assert patterns.satisfies_nm(w, n, mm)
+        g = s.reshape(5, -1, mm)
+        kept = (~m).reshape(5, -1, mm)
+        assert (kept.sum(2) == n).all()
+        # the kept entries are the group's top-n
+        assert torch.equal(torch.sort(g.masked_fill(~kept, -1), 2, descending=True).values[..., :n],
+                           torch.topk(g, n, 2).values)
+
+
+def test_nm_mask_tail_group_keeps_at_most_n():
+    s = torch.rand(3, 10)  # 2 full groups of 4 and a tail of 2
+    m = patterns.nm_mask(s, 1, 4)
+    assert (~m[:, 8:]).sum(1).max() <= 1
+    assert patterns.satisfies_nm(torch.ones_like(s).masked_fill(m, 0), 1, 4)
+
+
+def test_satisfies_nm_detects_violation():
+    w = torch.tensor([[1.0, 1.0, 1.0, 0.0]])
+    assert not patterns.satisfies_nm(w, 2, 4)
+    assert patterns.satisfies_nm(w, 3, 4)
+
+
+def test_masks_pack_to_one_bit_and_round_trip():
+    keep = torch.rand(33, 17) > 0.5
+    packed = pack_mask(keep)
+    assert packed.dtype == torch.uint8 and packed.numel() == (33 * 17 + 7) // 8
+    assert torch.equal(unpack_mask(packed, keep.shape), keep)
