@@ -1,0 +1,134 @@
+"""RFC 9457 problem details for every error, including request validation errors."""
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from pydantic import BaseModel, Field
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from core.errors import ServiceError
+
+log = logging.getLogger("secateurs.api")
+PROBLEM = "application/problem+json"
+TYPE_BASE = "urn:secateurs:problem:"
+
+
+class ProblemError(BaseModel):
+    loc: list[str | int] = Field(examples=[["body", "sparsity"]])
+    msg: str = Field(examples=["Input should be less than 1"])
+    type: str = Field(examples=["less_than"])
+
+
+class Problem(BaseModel):
+    """An RFC 9457 problem document (served as application/problem+json)."""
+
+    type: str = Field("about:blank", examples=["urn:secateurs:problem:validation-error"])
+    title: str = Field(examples=["Invalid request"])
+    status: int = Field(examples=[422])
+    detail: str | None = Field(None, examples=["sparsity: Input should be less than 1"])
+    instance: str | None = Field(None, examples=["/v1/pruning-jobs"])
+    code: str | None = Field(None, description="machine-readable reason", examples=["validation_error"])
+    errors: list[ProblemError] | None = None
+
+
+def problem(
+    status: int,
+    title: str,
+    detail: str | None = None,
+    *,
+    type_: str = "about:blank",
+    instance: str | None = None,
+    code: str | None = None,
+    errors: list[dict[str, Any]] | None = None,
+    headers: dict[str, str] | None = None,
+) -> JSONResponse:
+    body: dict[str, Any] = {
+        "type": type_ if type_ == "about:blank" or ":" in type_ else TYPE_BASE + type_,
+        "title": title,
+        "status": status,
+    }
+    if detail is not None:
+        body["detail"] = detail
+    if instance is not None:
+        body["instance"] = instance
+    if code is not None:
+        body["code"] = code
+    if errors is not None:
+        body["errors"] = errors
+    return JSONResponse(body, status_code=status, media_type=PROBLEM, headers=headers)
+
+
+def _jsonable_loc(loc: Any) -> list[str | int]:
+    return [x if isinstance(x, (str, int)) else str(x) for x in loc]
+
+
+def install(app: FastAPI) -> None:
+    @app.exception_handler(ServiceError)
+    async def _service(request: Request, exc: ServiceError) -> JSONResponse:
+        headers = {"WWW-Authenticate": "Bearer"} if exc.status == 401 else None
+        code = exc.code or exc.type_.replace("-", "_")
+        return problem(exc.status, exc.title, exc.detail, type_=exc.type_, instance=request.url.path,
+                       code=code, errors=exc.errors, headers=headers)
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation(request: Request, exc: RequestValidationError) -> JSONResponse:
+        errors = []
+        for e in exc.errors():
+            msg = str(e.get("msg", "")).removeprefix("Value error, ")
+            errors.append({"loc": _jsonable_loc(e.get("loc", ())), "msg": msg, "type": str(e.get("type", ""))})
+        first = errors[0] if errors else {"loc": [], "msg": "invalid request"}
+        loc = [x for x in first["loc"] if x not in ("body", "query", "path", "header")]
+        where = ".".join(str(x) for x in loc)
+        detail = f"{where}: {first['msg']}" if where else first["msg"]
+        return problem(422, "Invalid request", detail, type_="validation-error", instance=request.url.path,
+                       code="validation_error", errors=errors)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        from http import HTTPStatus
+
+        try:
+            title = HTTPStatus(exc.status_code).phrase
+        except ValueError:
+            title = "Error"
+        detail = exc.detail if isinstance(exc.detail, str) and exc.detail != title else None
+        return problem(exc.status_code, title, detail, instance=request.url.path, headers=getattr(exc, "headers", None))
+
+    @app.exception_handler(Exception)
+    async def _unhandled(request: Request, exc: Exception) -> JSONResponse:
+        log.exception("unhandled error on %s %s", request.method, request.url.path)
+        return problem(500, "Internal Server Error", "an unexpected error occurred; it has been logged",
+                       instance=request.url.path, code="internal_error")
+
+
+def error_responses(*statuses: int) -> dict[int | str, dict[str, Any]]:
+    """OpenAPI `responses=` entries documenting problem+json errors with examples."""
+    titles = {
+        304: "Not Modified", 307: "Temporary Redirect", 400: "Bad Request", 401: "Unauthorized",
+        404: "Not found", 409: "Conflict", 413: "Content too large", 416: "Range Not Satisfiable",
+        422: "Invalid request", 503: "Service Unavailable",
+    }
+    details = {
+        401: "missing Authorization: Bearer <api key>",
+        404: "no pruning job 'job_0191c5f0a3b2ffffffffffffff'",
+        409: "job 'job_0191c5f0a3b2ffffffffffffff' already succeeded",
+        413: "calibration uploads are limited to 20971520 bytes",
+        422: "sparsity: Input should be less than 1",
+        503: "database: connection refused",
+    }
+    out: dict[int | str, dict[str, Any]] = {}
+    for s in statuses:
+        if s in (304, 307):
+            out[s] = {"description": titles[s]}
+            continue
+        example: dict[str, Any] = {"type": "about:blank", "title": titles.get(s, "Error"), "status": s, "detail": details.get(s)}
+        if s == 422:
+            example.update(type=TYPE_BASE + "validation-error", code="validation_error",
+                           errors=[{"loc": ["body", "sparsity"], "msg": "Input should be less than 1", "type": "less_than"}])
+        out[s] = {"description": titles.get(s, "Error"), "model": Problem,
+                  "content": {PROBLEM: {"schema": {"$ref": "#/components/schemas/Problem"}, "example": example}}}
+    return out

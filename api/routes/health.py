@@ -1,0 +1,51 @@
+"""/healthz (process), /readyz (database, broker, storage), /metrics (Prometheus)."""
+from __future__ import annotations
+
+from fastapi import APIRouter, Request, Response
+from fastapi.responses import JSONResponse
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from sqlalchemy import text
+
+from api.problems import error_responses, problem
+
+router = APIRouter(tags=["operations"])
+
+
+@router.get("/healthz", summary="Liveness: the process answers")
+def healthz() -> dict[str, str]:
+    return {"status": "ok"}
+
+
+@router.get("/readyz", summary="Readiness: database, broker and storage reachable", responses=error_responses(503))
+def readyz(request: Request) -> Response:
+    st = request.app.state
+    checks: dict[str, str] = {}
+    try:
+        with st.sessions() as s:
+            s.execute(text("SELECT 1"))
+        checks["database"] = "ok"
+    except Exception as e:  # noqa: BLE001
+        checks["database"] = f"error: {e.__class__.__name__}"
+    try:
+        with st.celery.connection_for_write() as conn:
+            conn.ensure_connection(max_retries=1, interval_start=0, timeout=3)
+        checks["broker"] = "ok"
+    except Exception as e:  # noqa: BLE001
+        checks["broker"] = f"error: {e.__class__.__name__}"
+    try:
+        st.storage.check()
+        checks["storage"] = "ok"
+    except Exception as e:  # noqa: BLE001
+        checks["storage"] = f"error: {e.__class__.__name__}"
+    bad = {k: v for k, v in checks.items() if v != "ok"}
+    if bad:
+        resp = problem(503, "Service Unavailable", "; ".join(f"{k}: {v}" for k, v in bad.items()),
+                       instance="/readyz", code="not_ready")
+        return resp
+    return JSONResponse({"status": "ok", "checks": checks})
+
+
+@router.get("/metrics", summary="Prometheus metrics", response_class=Response,
+            responses={200: {"content": {CONTENT_TYPE_LATEST: {}}}})
+def metrics(request: Request) -> Response:
+    return Response(generate_latest(request.app.state.registry), media_type=CONTENT_TYPE_LATEST)

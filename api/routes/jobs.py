@@ -1,0 +1,278 @@
+"""/v1/pruning-jobs: thin handlers around core.jobs.service."""
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import logging
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Body, Depends, Header, Query, Request, Response
+from fastapi.responses import FileResponse, JSONResponse, RedirectResponse, StreamingResponse
+from starlette.concurrency import run_in_threadpool
+
+from api.deps import PrincipalDep, SessionDep, SettingsDep, bearer_scheme
+from api.problems import error_responses
+from api.schemas import ArtifactList, EventList, JobList, JobOut, artifact_dict, event_dict, job_dict
+from core.auth import authenticate
+from core.errors import NotFound, ServiceError
+from core.jobs.schemas import JobCreate
+from core.jobs.service import JobService, request_hash
+from core.jobs.state import TERMINAL
+
+log = logging.getLogger("secateurs.api")
+router = APIRouter(prefix="/v1/pruning-jobs", tags=["pruning jobs"])
+
+
+def _base(request: Request) -> str:
+    return (request.app.state.settings.public_base_url or "").rstrip("/")
+
+
+def _etag(body: dict[str, Any]) -> str:
+    raw = json.dumps(body, sort_keys=True, separators=(",", ":"), default=str).encode()
+    return '"' + hashlib.sha256(raw).hexdigest()[:32] + '"'
+
+
+def _matches(if_none_match: str | None, etag: str) -> bool:
+    if not if_none_match:
+        return False
+    if if_none_match.strip() == "*":
+        return True
+    tags = [t.strip().removeprefix("W/") for t in if_none_match.split(",")]
+    return etag in tags
+
+
+def _json(body: dict[str, Any], status: int = 200, headers: dict[str, str] | None = None) -> JSONResponse:
+    h = {"ETag": _etag(body), **(headers or {})}
+    return JSONResponse(body, status_code=status, headers=h)
+
+
+@router.post(
+    "",
+    status_code=201,
+    response_model=JobOut,
+    summary="Create a pruning job",
+    responses={
+        201: {"description": "Created; `Location` points at the job", "headers": {"Location": {"schema": {"type": "string"}}}},
+        200: {"description": "Replay of an earlier request with the same Idempotency-Key", "model": JobOut},
+        **error_responses(401, 409, 422),
+    },
+)
+def create_job(
+    request: Request,
+    principal: PrincipalDep,
+    session: SessionDep,
+    settings: SettingsDep,
+    body: Annotated[JobCreate, Body(openapi_examples={
+        "wanda-50": {"summary": "Wanda, 50% unstructured", "value": {
+            "model": "meta-llama/Llama-3.2-1B", "method": "wanda", "sparsity": 0.5,
+            "calibration": {"source": "c4", "nsamples": 128, "seqlen": 2048}, "metadata": {"team": "search"}}},
+        "sparsegpt-24": {"summary": "SparseGPT, 2:4, uploaded calibration set", "value": {
+            "model": "s3://models/llama-3.2-1b/", "method": "sparsegpt", "pattern": "2:4",
+            "calibration": {"calibration_set_id": "cal_0191c5f0a3b2c1d2e3f4a5b6c7", "nsamples": 64, "seqlen": 1024}}},
+    })],
+    idempotency_key: Annotated[str | None, Header(alias="Idempotency-Key", description="same key + same body returns the stored response")] = None,
+) -> Response:
+    svc = JobService(session, principal.tenant_id, settings)
+    if idempotency_key is not None:
+        svc.build_config(body)  # reject bad input before reserving the key
+        stored = svc.idempotency_begin(idempotency_key, request_hash(body))
+        session.commit()
+        if stored is not None:
+            return _json(stored.body, stored.status, {**stored.headers, "Idempotent-Replayed": "true"})
+    try:
+        job = svc.create(body)
+        out = job_dict(job, _base(request))
+        location = out["urls"]["self"]
+        if idempotency_key is not None:
+            svc.idempotency_complete(idempotency_key, 201, out, {"Location": location})
+        session.commit()
+    except BaseException:
+        session.rollback()
+        if idempotency_key is not None:
+            svc.idempotency_abandon(idempotency_key)
+            session.commit()
+        raise
+    _enqueue(request, session, svc, principal.tenant_id, job.id)
+    return _json(out, 201, {"Location": location})
+
+
+def _enqueue(request: Request, session: Any, svc: JobService, tenant_id: str, job_id: str) -> None:
+    """After commit: publish the task, then note it. A failed publish is retried by the worker's sweep."""
+    from worker.celery_app import enqueue
+
+    try:
+        enqueue(request.app.state.celery, tenant_id, job_id)
+    except Exception:
+        log.exception("enqueue of %s failed; the sweep will retry", job_id)
+        return
+    try:
+        svc.mark_enqueued(job_id)
+        session.commit()
+    except Exception:
+        session.rollback()
+        log.exception("could not mark %s enqueued", job_id)
+
+
+@router.get("", response_model=JobList, summary="List pruning jobs, newest first", responses=error_responses(401, 422))
+def list_jobs(
+    request: Request,
+    principal: PrincipalDep,
+    session: SessionDep,
+    settings: SettingsDep,
+    status: Annotated[str | None, Query(description="comma-separated statuses", examples=["running,queued"])] = None,
+    after: Annotated[str | None, Query(description="cursor: id of the last job of the previous page")] = None,
+    limit: Annotated[int, Query(ge=1, le=100)] = 20,
+) -> Response:
+    svc = JobService(session, principal.tenant_id, settings)
+    statuses = [s.strip() for s in status.split(",") if s.strip()] if status else None
+    jobs, has_more = svc.list(statuses=statuses, after=after, limit=limit)
+    base = _base(request)
+    data = [job_dict(j, base) for j in jobs]
+    return JSONResponse({"object": "list", "data": data, "has_more": has_more,
+                         "first_id": data[0]["id"] if data else None, "last_id": data[-1]["id"] if data else None})
+
+
+@router.get(
+    "/{job_id}",
+    response_model=JobOut,
+    summary="Get a pruning job",
+    responses={200: {"headers": {"ETag": {"schema": {"type": "string"}}}}, **error_responses(304, 401, 404)},
+)
+def get_job(
+    request: Request,
+    job_id: str,
+    principal: PrincipalDep,
+    session: SessionDep,
+    settings: SettingsDep,
+    if_none_match: Annotated[str | None, Header(alias="If-None-Match")] = None,
+) -> Response:
+    job = JobService(session, principal.tenant_id, settings).get(job_id)
+    body = job_dict(job, _base(request))
+    etag = _etag(body)
+    if _matches(if_none_match, etag):
+        return Response(status_code=304, headers={"ETag": etag})
+    return JSONResponse(body, headers={"ETag": etag})
+
+
+@router.post("/{job_id}/cancel", response_model=JobOut, summary="Cancel a pruning job",
+             description="queued -> cancelled at once; running -> cancelling, then cancelled between blocks. "
+                         "Idempotent; 409 once the job succeeded or failed.",
+             responses=error_responses(401, 404, 409))
+def cancel_job(request: Request, job_id: str, principal: PrincipalDep, session: SessionDep, settings: SettingsDep) -> Response:
+    job = JobService(session, principal.tenant_id, settings).cancel(job_id)
+    session.commit()
+    return _json(job_dict(job, _base(request)))
+
+
+@router.get("/{job_id}/events", response_model=EventList, summary="List a job's events",
+            responses=error_responses(401, 404, 422))
+def list_events(
+    job_id: str,
+    principal: PrincipalDep,
+    session: SessionDep,
+    settings: SettingsDep,
+    after: Annotated[int, Query(ge=0, description="return events with id > after")] = 0,
+    limit: Annotated[int, Query(ge=1, le=1000)] = 100,
+) -> Response:
+    events, has_more = JobService(session, principal.tenant_id, settings).events(job_id, after=after, limit=limit)
+    data = [event_dict(e) for e in events]
+    return JSONResponse({"object": "list", "data": data, "has_more": has_more, "last_id": data[-1]["id"] if data else None})
+
+
+@router.get(
+    "/{job_id}/events/stream",
+    dependencies=[Depends(bearer_scheme)],
+    summary="Stream a job's events (Server-Sent Events)",
+    description="Each event's `id:` is its sequence number; reconnect with `Last-Event-ID` to resume. "
+                "The stream closes after the job's terminal status event.",
+    responses={200: {"content": {"text/event-stream": {"example": 'id: 3\nevent: progress\ndata: {"stage": "prune", "block": 0}\n\n'}}},
+               **error_responses(401, 404)},
+)
+async def stream_events(
+    request: Request,
+    job_id: str,
+    last_event_id: Annotated[str | None, Header(alias="Last-Event-ID")] = None,
+    after: Annotated[int, Query(ge=0)] = 0,
+) -> StreamingResponse:
+    settings = request.app.state.settings
+    sessions = request.app.state.sessions
+
+    def auth() -> str:
+        # A short session of its own: a request-scoped one would stay open for the whole stream.
+        with sessions() as s:
+            return authenticate(s, request.headers.get("authorization"), settings.pepper).tenant_id
+
+    tenant_id = await run_in_threadpool(auth)
+
+    def fetch(since: int) -> tuple[list[dict[str, Any]], bool, bool]:
+        with sessions() as s:
+            svc = JobService(s, tenant_id, settings)
+            job = svc.get(job_id)
+            evs, more = svc.events(job_id, after=since, limit=500)
+            return [event_dict(e) for e in evs], more, job.status in TERMINAL
+
+    try:
+        start = int(last_event_id) if last_event_id else after
+    except ValueError:
+        start = after
+    await run_in_threadpool(fetch, start)  # 404 before the stream starts
+
+    async def gen():  # noqa: ANN202
+        since = start
+        idle = 0.0
+        yield "retry: 2000\n\n"
+        while True:
+            try:
+                evs, more, terminal = await run_in_threadpool(fetch, since)
+            except NotFound:
+                return
+            for e in evs:
+                since = e["id"]
+                yield f"id: {e['id']}\nevent: {e['type']}\ndata: {json.dumps(e, separators=(',', ':'))}\n\n"
+            if terminal and not more:
+                return
+            if evs:
+                idle = 0.0
+                continue
+            if await request.is_disconnected():
+                return
+            await asyncio.sleep(settings.sse_poll_seconds)
+            idle += settings.sse_poll_seconds
+            if idle >= 15:
+                idle = 0.0
+                yield ": keep-alive\n\n"
+
+    return StreamingResponse(gen(), media_type="text/event-stream",
+                             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
+
+@router.get("/{job_id}/artifacts", response_model=ArtifactList, summary="List a job's published artifacts",
+            responses=error_responses(401, 404))
+def list_artifacts(request: Request, job_id: str, principal: PrincipalDep, session: SessionDep, settings: SettingsDep) -> Response:
+    arts = JobService(session, principal.tenant_id, settings).artifacts(job_id)
+    base = _base(request)
+    return JSONResponse({"object": "list", "data": [artifact_dict(a, base) for a in arts]})
+
+
+@router.get(
+    "/{job_id}/artifacts/{name:path}",
+    summary="Download an artifact",
+    description="Local storage: streamed, with HTTP Range support. S3: 307 to a short-lived presigned URL.",
+    response_class=Response,
+    responses={200: {"content": {"application/octet-stream": {}}}, 206: {"description": "Partial content"},
+               **error_responses(307, 401, 404, 416)},
+)
+def download_artifact(request: Request, job_id: str, name: str, principal: PrincipalDep, session: SessionDep,
+                      settings: SettingsDep) -> Response:
+    art = JobService(session, principal.tenant_id, settings).artifact(job_id, name)
+    storage = request.app.state.storage
+    filename = name.rsplit("/", 1)[-1]
+    url = storage.presigned_url(art.storage_key, filename=filename, expires=settings.presign_expires_seconds)
+    if url:
+        return RedirectResponse(url, status_code=307)
+    path = storage.local_path(art.storage_key)
+    if path is None:
+        raise ServiceError("artifact is recorded but its file is missing")
+    return FileResponse(path, filename=filename, media_type="application/octet-stream",
+                        headers={"ETag": f'"{art.sha256}"', "X-Checksum-SHA256": art.sha256})

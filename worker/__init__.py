@@ -1,0 +1,1 @@
+"""Celery worker: the app (``worker.celery_app``) and the prune task (``worker.tasks``)."""

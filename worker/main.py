@@ -1,0 +1,41 @@
+"""Worker entry point: ``celery -A worker.main worker`` (or ``secateurs service worker``).
+
+Besides the prune task, the worker's main process runs the lost-job sweep (``worker.sweep``) in a thread:
+it re-enqueues jobs whose worker died (lease expired) and jobs whose enqueue never happened.
+"""
+from __future__ import annotations
+
+import logging
+import threading
+
+from celery.signals import worker_ready, worker_shutting_down
+
+from core.settings import get_settings
+from worker import tasks  # noqa: F401  (registers the task)
+from worker.celery_app import make_celery
+from worker.sweep import sweep
+
+log = logging.getLogger("secateurs.worker")
+
+app = make_celery(get_settings())
+_stop = threading.Event()
+
+
+def _sweeper() -> None:
+    s = app.conf.secateurs_settings
+    while not _stop.is_set():
+        try:
+            sweep(s, app)
+        except Exception:  # keep sweeping; the database may be briefly unavailable
+            log.exception("lost-job sweep failed")
+        _stop.wait(s.reaper_interval_seconds)
+
+
+@worker_ready.connect
+def _start_sweeper(**_: object) -> None:
+    threading.Thread(target=_sweeper, name="secateurs-sweeper", daemon=True).start()
+
+
+@worker_shutting_down.connect
+def _stop_sweeper(**_: object) -> None:
+    _stop.set()

@@ -1,0 +1,19 @@
+"""The prune task. It holds no logic of its own: see ``worker.runner.run_job``."""
+from __future__ import annotations
+
+import os
+import socket
+
+from celery import shared_task
+
+from core.settings import get_settings
+from worker.celery_app import TASK_NAME
+
+
+@shared_task(name=TASK_NAME, bind=True, acks_late=True, reject_on_worker_lost=True, ignore_result=True)
+def prune_job(self, tenant_id: str, job_id: str) -> str:  # noqa: ANN001
+    from worker.runner import run_job
+
+    settings = getattr(self.app.conf, "secateurs_settings", None) or get_settings()
+    worker_id = f"{self.request.hostname or socket.gethostname()}:{os.getpid()}"
+    return run_job(settings, tenant_id, job_id, worker_id)
