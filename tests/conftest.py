@@ -63,3 +63,7 @@ def pytest_configure(config):
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()
+
+
+# Service fixtures (Postgres/Redis/moto/API client) live in tests/service_fixtures.py.
+from tests.service_fixtures import *  # noqa: E402,F401,F403

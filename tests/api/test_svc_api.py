@@ -1,0 +1,345 @@
+"""The HTTP API, in process, on embedded SQLite (+ SQLite broker) and on Postgres (+ Redis)."""
+from __future__ import annotations
+
+import json
+import threading
+import time
+
+import pytest
+
+from core.db.engine import session_scope
+from core.jobs import execution
+
+PROBLEM = "application/problem+json"
+
+
+def body(**kw):  # noqa: ANN003, ANN201
+    b = {"model": "org/tiny-model", "method": "wanda", "sparsity": 0.5,
+         "calibration": {"texts": ["hello world"], "nsamples": 4, "seqlen": 32}}
+    b.update(kw)
+    return b
+
+
+def assert_problem(r, status: int, field: str | None = None):  # noqa: ANN001, ANN201
+    assert r.status_code == status, r.text
+    assert r.headers["content-type"].startswith(PROBLEM)
+    p = r.json()
+    assert p["status"] == status and p["title"] and "type" in p
+    if field is not None:
+        locs = [".".join(str(x) for x in e["loc"] if x not in ("body", "query", "header")) for e in p["errors"]]
+        assert any(loc == field or loc.startswith(field + ".") for loc in locs), (field, p)
+        assert field.split(".")[0] in p["detail"]
+    return p
+
+
+# --- auth and tenancy ---------------------------------------------------------------------------
+
+def test_requires_a_valid_key(api):  # noqa: ANN001
+    assert_problem(api.client.get("/v1/pruning-jobs"), 401)
+    r = api.client.get("/v1/pruning-jobs", headers={"Authorization": "Bearer sct_0123456789abcdef_" + "x" * 43})
+    assert_problem(r, 401)
+    assert r.headers["www-authenticate"] == "Bearer"
+
+
+def test_tenants_never_see_each_other(api):  # noqa: ANN001
+    _, ha = api.tenant()
+    _, hb = api.tenant()
+    job = api.client.post("/v1/pruning-jobs", json=body(), headers=ha).json()
+    cal = api.client.post("/v1/calibration-sets", files={"file": ("c.txt", b"some text")}, headers=ha).json()
+    for path in (f"/v1/pruning-jobs/{job['id']}", f"/v1/pruning-jobs/{job['id']}/events",
+                 f"/v1/pruning-jobs/{job['id']}/artifacts", f"/v1/pruning-jobs/{job['id']}/artifacts/x",
+                 f"/v1/calibration-sets/{cal['id']}", f"/v1/pruning-jobs/{job['id']}/events/stream"):
+        assert_problem(api.client.get(path, headers=hb), 404)
+    assert_problem(api.client.post(f"/v1/pruning-jobs/{job['id']}/cancel", headers=hb), 404)
+    assert api.client.get("/v1/pruning-jobs", headers=hb).json()["data"] == []
+    assert api.client.get("/v1/calibration-sets", headers=hb).json()["data"] == []
+    r = api.client.post("/v1/pruning-jobs", json=body(calibration={"calibration_set_id": cal["id"]}), headers=hb)
+    assert_problem(r, 422, "calibration.calibration_set_id")
+
+
+# --- create, get, list --------------------------------------------------------------------------
+
+def test_create_returns_201_location_and_the_job(api):  # noqa: ANN001
+    _, h = api.tenant()
+    r = api.client.post("/v1/pruning-jobs", json=body(metadata={"team": "x"}, pattern="2:4", sparsity=None), headers=h)
+    assert r.status_code == 201, r.text
+    job = r.json()
+    assert r.headers["location"] == f"/v1/pruning-jobs/{job['id']}"
+    assert job["status"] == "queued" and job["attempt"] == 0 and job["pattern"] == "2:4"
+    assert job["metadata"] == {"team": "x"}
+    assert job["timestamps"]["queued_at"] and job["timestamps"]["running_at"] is None
+    assert job["urls"]["events_stream"].endswith("/events/stream")
+    got = api.client.get(r.headers["location"], headers=h)
+    assert got.status_code == 200 and got.json()["id"] == job["id"]
+    evs = api.client.get(f"/v1/pruning-jobs/{job['id']}/events", headers=h).json()
+    assert [(e["id"], e["type"], e["data"]["status"]) for e in evs["data"]] == [(1, "status", "queued")]
+
+
+def test_etag_and_if_none_match(api):  # noqa: ANN001
+    tid, h = api.tenant()
+    job = api.client.post("/v1/pruning-jobs", json=body(), headers=h).json()
+    r1 = api.client.get(f"/v1/pruning-jobs/{job['id']}", headers=h)
+    etag = r1.headers["etag"]
+    r2 = api.client.get(f"/v1/pruning-jobs/{job['id']}", headers={**h, "If-None-Match": etag})
+    assert r2.status_code == 304 and r2.content == b"" and r2.headers["etag"] == etag
+    assert api.client.get(f"/v1/pruning-jobs/{job['id']}", headers={**h, "If-None-Match": '"other"'}).status_code == 200
+    with session_scope(api.settings.db_url) as s:  # the job changes: the ETag must too
+        execution.claim(s, tid, job["id"], "w1", 60)
+    r3 = api.client.get(f"/v1/pruning-jobs/{job['id']}", headers={**h, "If-None-Match": etag})
+    assert r3.status_code == 200 and r3.headers["etag"] != etag and r3.json()["status"] == "running"
+
+
+def test_list_cursor_pagination_and_status_filter(api):  # noqa: ANN001
+    _, h = api.tenant()
+    ids = [api.client.post("/v1/pruning-jobs", json=body(), headers=h).json()["id"] for _ in range(5)]
+    api.client.post(f"/v1/pruning-jobs/{ids[1]}/cancel", headers=h)
+    seen, after = [], None
+    while True:
+        params = {"limit": 2, **({"after": after} if after else {})}
+        page = api.client.get("/v1/pruning-jobs", params=params, headers=h).json()
+        seen += [j["id"] for j in page["data"]]
+        if not page["has_more"]:
+            break
+        after = page["last_id"]
+    assert seen == ids[::-1]
+    q = api.client.get("/v1/pruning-jobs", params={"status": "cancelled"}, headers=h).json()
+    assert [j["id"] for j in q["data"]] == [ids[1]]
+    q = api.client.get("/v1/pruning-jobs", params={"status": "queued,cancelled", "limit": 100}, headers=h).json()
+    assert len(q["data"]) == 5
+    assert_problem(api.client.get("/v1/pruning-jobs", params={"status": "nope"}, headers=h), 422, "status")
+    assert_problem(api.client.get("/v1/pruning-jobs", params={"limit": 0}, headers=h), 422, "limit")
+
+
+# --- idempotency --------------------------------------------------------------------------------
+
+def test_idempotency_key_replays_the_stored_response(api):  # noqa: ANN001
+    _, h = api.tenant()
+    hk = {**h, "Idempotency-Key": "abc-1"}
+    r1 = api.client.post("/v1/pruning-jobs", json=body(), headers=hk)
+    r2 = api.client.post("/v1/pruning-jobs", json=body(), headers=hk)
+    assert r1.status_code == r2.status_code == 201
+    assert r2.json() == r1.json() and r2.headers["location"] == r1.headers["location"]
+    assert r2.headers["idempotent-replayed"] == "true"
+    assert len(api.client.get("/v1/pruning-jobs", headers=h).json()["data"]) == 1
+    p = assert_problem(api.client.post("/v1/pruning-jobs", json=body(sparsity=0.6), headers=hk), 422)
+    assert p["code"] == "idempotency_key_reused"
+    # keys are per tenant
+    _, h2 = api.tenant()
+    r3 = api.client.post("/v1/pruning-jobs", json=body(), headers={**h2, "Idempotency-Key": "abc-1"})
+    assert r3.status_code == 201 and r3.json()["id"] != r1.json()["id"]
+
+
+def test_idempotency_key_in_flight_gives_409(api):  # noqa: ANN001
+    from core.jobs.schemas import JobCreate
+    from core.jobs.service import JobService, request_hash
+
+    tid, h = api.tenant()
+    with session_scope(api.settings.db_url) as s:  # a first request that has reserved the key, still running
+        JobService(s, tid, api.settings).idempotency_begin("k-2", request_hash(JobCreate.model_validate(body())))
+    p = assert_problem(api.client.post("/v1/pruning-jobs", json=body(), headers={**h, "Idempotency-Key": "k-2"}), 409)
+    assert p["code"] == "idempotency_in_progress"
+
+
+def test_rejected_body_does_not_burn_the_idempotency_key(api):  # noqa: ANN001
+    _, h = api.tenant()
+    hk = {**h, "Idempotency-Key": "k-3"}
+    assert_problem(api.client.post("/v1/pruning-jobs", json=body(pattern="3:2"), headers=hk), 422, "pattern")
+    assert api.client.post("/v1/pruning-jobs", json=body(), headers=hk).status_code == 201
+
+
+# --- validation: every bad input is a 4xx problem naming the field ------------------------------
+
+@pytest.mark.parametrize(("patch", "field"), [
+    ({"sparsity": 1.5}, "sparsity"),
+    ({"sparsity": -0.1}, "sparsity"),
+    ({"sparsity": "half"}, "sparsity"),
+    ({"pattern": "4:4"}, "pattern"),
+    ({"pattern": "5:4"}, "pattern"),
+    ({"pattern": "two-four"}, "pattern"),
+    ({"method": "random"}, "method"),
+    ({"model": ""}, "model"),
+    ({"model": "/etc"}, "model"),
+    ({"model": "../../etc/passwd"}, "model"),
+    ({"model": "s3://"}, "model"),
+    ({"dtype": "int3"}, "dtype"),
+    ({"calibration": {"nsamples": 0}}, "calibration.nsamples"),
+    ({"calibration": {"source": "/etc/passwd"}}, "calibration.source"),
+    ({"calibration": {"texts": ["  "]}}, "calibration"),
+    ({"calibration": {"source": "c4", "texts": ["a"]}}, "calibration"),
+    ({"calibration": {"calibration_set_id": "cal_" + "0" * 26}}, "calibration.calibration_set_id"),
+    ({"metadata": {"k": "v" * 600}}, "metadata"),
+    ({"metadata": {str(i): "v" for i in range(17)}}, "metadata"),
+    ({"overrides": {"(": 0.3}}, "overrides"),
+    ({"exclude": ["[unclosed"]}, "exclude"),
+    ({"device": "cuda:0"}, "device"),
+    ({"trust_remote_code": True}, "trust_remote_code"),
+    ({"unknown_field": 1}, "unknown_field"),
+    ({"evaluation": {"source": "/etc/hosts"}}, "evaluation.source"),
+])
+def test_bad_inputs_are_422_problems_naming_the_field(api, patch, field):  # noqa: ANN001
+    _, h = api.tenant()
+    assert_problem(api.client.post("/v1/pruning-jobs", json=body(**patch), headers=h), 422, field)
+
+
+def test_missing_target_and_malformed_json(api):  # noqa: ANN001
+    _, h = api.tenant()
+    p = assert_problem(api.client.post("/v1/pruning-jobs", json=body(sparsity=None), headers=h), 422)
+    assert "sparsity" in p["detail"]
+    r = api.client.post("/v1/pruning-jobs", content=b"{not json", headers={**h, "content-type": "application/json"})
+    assert_problem(r, 422)
+    assert_problem(api.client.post("/v1/pruning-jobs", json={}, headers=h), 422, "model")
+
+
+def test_local_model_paths_must_be_inside_allowed_roots(api, tmp_path):  # noqa: ANN001
+    _, h = api.tenant()
+    root = api.settings.model_roots[0]
+    (root / "m1").mkdir()
+    assert api.client.post("/v1/pruning-jobs", json=body(model=str(root / "m1")), headers=h).status_code == 201
+    assert_problem(api.client.post("/v1/pruning-jobs", json=body(model=str(root / "missing")), headers=h), 422, "model")
+    assert_problem(api.client.post("/v1/pruning-jobs", json=body(model=str(root / "m1" / ".." / "..")), headers=h), 422, "model")
+    (tmp_path / "outside").mkdir()
+    (root / "link").symlink_to(tmp_path / "outside")
+    assert_problem(api.client.post("/v1/pruning-jobs", json=body(model=str(root / "link")), headers=h), 422, "model")
+
+
+def test_unknown_routes_and_methods_are_problems(api):  # noqa: ANN001
+    _, h = api.tenant()
+    assert_problem(api.client.get("/v1/nothing", headers=h), 404)
+    assert_problem(api.client.delete("/v1/pruning-jobs", headers=h), 405)
+    assert_problem(api.client.get("/v1/pruning-jobs/job_nope", headers=h), 404)
+
+
+# --- cancel -------------------------------------------------------------------------------------
+
+def test_cancel_queued_running_finished(api):  # noqa: ANN001
+    tid, h = api.tenant()
+    q = api.client.post("/v1/pruning-jobs", json=body(), headers=h).json()
+    r = api.client.post(f"/v1/pruning-jobs/{q['id']}/cancel", headers=h)
+    assert r.status_code == 200 and r.json()["status"] == "cancelled" and r.json()["timestamps"]["cancelled_at"]
+    assert api.client.post(f"/v1/pruning-jobs/{q['id']}/cancel", headers=h).json()["status"] == "cancelled"
+
+    run = api.client.post("/v1/pruning-jobs", json=body(), headers=h).json()
+    with session_scope(api.settings.db_url) as s:
+        assert execution.claim(s, tid, run["id"], "w", 60).outcome == "claimed"
+    r = api.client.post(f"/v1/pruning-jobs/{run['id']}/cancel", headers=h)
+    assert r.json()["status"] == "cancelling" and r.json()["cancel_requested"] is True
+    assert api.client.post(f"/v1/pruning-jobs/{run['id']}/cancel", headers=h).json()["status"] == "cancelling"
+    with session_scope(api.settings.db_url) as s:  # the worker sees the flag between blocks
+        assert execution.report(s, tid, run["id"], 1, 60, progress={"stage": "prune"}) == "cancel"
+        assert execution.finish(s, tid, run["id"], 1, outcome="succeeded", artifacts=[]) == "cancelled"
+    assert api.client.get(f"/v1/pruning-jobs/{run['id']}/artifacts", headers=h).json()["data"] == []
+
+    done = api.client.post("/v1/pruning-jobs", json=body(), headers=h).json()
+    with session_scope(api.settings.db_url) as s:
+        execution.claim(s, tid, done["id"], "w", 60)
+        execution.finish(s, tid, done["id"], 1, outcome="failed", error=("invalid_model", "bad"))
+    p = assert_problem(api.client.post(f"/v1/pruning-jobs/{done['id']}/cancel", headers=h), 409)
+    assert p["code"] == "job_finished"
+    j = api.client.get(f"/v1/pruning-jobs/{done['id']}", headers=h).json()
+    assert j["error"] == {"code": "invalid_model", "message": "bad"} and j["status"] == "failed"
+
+
+# --- events: list and SSE -----------------------------------------------------------------------
+
+def _sse(text: str) -> list[dict]:
+    out = []
+    for block in text.split("\n\n"):
+        ev = {}
+        for line in block.splitlines():
+            k, _, v = line.partition(": ")
+            if k in ("id", "event", "data"):
+                ev[k] = v
+        if "data" in ev:
+            out.append(ev)
+    return out
+
+
+def test_events_paging_and_sse_with_last_event_id(api):  # noqa: ANN001
+    tid, h = api.tenant()
+    job = api.client.post("/v1/pruning-jobs", json=body(), headers=h).json()
+    jid = job["id"]
+    with session_scope(api.settings.db_url) as s:
+        execution.claim(s, tid, jid, "w", 60)
+    for b in range(3):
+        with session_scope(api.settings.db_url) as s:
+            execution.report(s, tid, jid, 1, 60, progress={"stage": "prune", "block": b, "total_blocks": 3},
+                             event=("progress", {"stage": "prune", "block": b, "total_blocks": 3}))
+    page = api.client.get(f"/v1/pruning-jobs/{jid}/events", params={"after": 1, "limit": 2}, headers=h).json()
+    assert [e["id"] for e in page["data"]] == [2, 3] and page["has_more"] is True
+    assert api.client.get(f"/v1/pruning-jobs/{jid}", headers=h).json()["progress"]["block"] == 2
+
+    def finish_later() -> None:
+        time.sleep(0.8)
+        with session_scope(api.settings.db_url) as s:
+            execution.finish(s, tid, jid, 1, outcome="succeeded", artifacts=[], metrics={"achieved_sparsity": 0.5})
+
+    t = threading.Thread(target=finish_later)
+    t.start()
+    r = api.client.get(f"/v1/pruning-jobs/{jid}/events/stream", headers={**h, "Last-Event-ID": "3"})
+    t.join()
+    assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream")
+    evs = _sse(r.text)  # the stream closed by itself after the terminal event
+    # 1 queued, 2 running, 3-5 progress, 6 metrics, 7 succeeded
+    assert [int(e["id"]) for e in evs] == [4, 5, 6, 7]
+    assert [e["event"] for e in evs] == ["progress", "progress", "metrics", "status"]
+    assert json.loads(evs[-1]["data"])["data"]["status"] == "succeeded"
+    # resuming after the end returns nothing and closes at once
+    assert _sse(api.client.get(f"/v1/pruning-jobs/{jid}/events/stream", headers={**h, "Last-Event-ID": "7"}).text) == []
+
+
+# --- calibration sets ---------------------------------------------------------------------------
+
+def test_calibration_upload_list_get_and_limits(api):  # noqa: ANN001
+    _, h = api.tenant()
+    r = api.client.post("/v1/calibration-sets", files={"file": ("c.jsonl", b'{"text": "a b c"}\n{"text": "d"}\n')}, headers=h)
+    assert r.status_code == 201, r.text
+    cs = r.json()
+    assert cs["format"] == "jsonl" and cs["records"] == 2 and len(cs["sha256"]) == 64
+    assert api.client.get(f"/v1/calibration-sets/{cs['id']}", headers=h).json() == cs
+    assert [c["id"] for c in api.client.get("/v1/calibration-sets", headers=h).json()["data"]] == [cs["id"]]
+    job = api.client.post("/v1/pruning-jobs", json=body(calibration={"calibration_set_id": cs["id"], "nsamples": 4}), headers=h)
+    assert job.status_code == 201 and job.json()["request"]["calibration"]["calibration_set_id"] == cs["id"]
+
+    assert_problem(api.client.post("/v1/calibration-sets", files={"file": ("e.txt", b"")}, headers=h), 422, "file")
+    assert_problem(api.client.post("/v1/calibration-sets", files={"file": ("e.txt", b" \n\n ")}, headers=h), 422, "file")
+    assert_problem(api.client.post("/v1/calibration-sets", files={"file": ("x.csv", b"a,b")}, headers=h), 422, "file")
+    assert_problem(api.client.post("/v1/calibration-sets", files={"file": ("x.jsonl", b"{oops\n")}, headers=h), 422, "file")
+    assert_problem(api.client.post("/v1/calibration-sets", files={"file": ("x.jsonl", b'{"t": 1}\n')}, headers=h), 422, "file")
+    big = b"word " * (api.settings.calibration_max_bytes // 5 + 10)
+    assert_problem(api.client.post("/v1/calibration-sets", files={"file": ("big.txt", big)}, headers=h), 413)
+    assert_problem(api.client.post("/v1/calibration-sets", headers=h), 422, "file")
+
+
+# --- operations ---------------------------------------------------------------------------------
+
+def test_health_ready_metrics(api):  # noqa: ANN001
+    _, h = api.tenant()
+    api.client.post("/v1/pruning-jobs", json=body(), headers=h)
+    assert api.client.get("/healthz").json() == {"status": "ok"}
+    r = api.client.get("/readyz")
+    assert r.status_code == 200 and r.json()["checks"] == {"database": "ok", "broker": "ok", "storage": "ok"}
+    m = api.client.get("/metrics").text
+    assert 'secateurs_jobs{status="queued"} 1.0' in m
+    assert "secateurs_queue_depth 1.0" in m
+    assert 'secateurs_http_request_duration_seconds_count{method="POST",route="/v1/pruning-jobs",status="201"} 1.0' in m
+
+
+def test_openapi_documents_routes_errors_and_examples(api):  # noqa: ANN001
+    spec = api.client.get("/openapi.json").json()
+    paths = spec["paths"]
+    for p in ("/v1/pruning-jobs", "/v1/pruning-jobs/{job_id}", "/v1/pruning-jobs/{job_id}/cancel",
+              "/v1/pruning-jobs/{job_id}/events", "/v1/pruning-jobs/{job_id}/events/stream",
+              "/v1/pruning-jobs/{job_id}/artifacts", "/v1/pruning-jobs/{job_id}/artifacts/{name}",
+              "/v1/calibration-sets", "/v1/calibration-sets/{set_id}", "/healthz", "/readyz", "/metrics"):
+        assert p in paths, p
+    post = paths["/v1/pruning-jobs"]["post"]
+    for code in ("201", "401", "409", "422"):
+        assert code in post["responses"]
+    assert "application/problem+json" in post["responses"]["422"]["content"]
+    assert post["responses"]["422"]["content"]["application/problem+json"]["example"]["errors"]
+    assert post["requestBody"]["content"]["application/json"]["examples"]
+    assert "Problem" in spec["components"]["schemas"]
+    for path, ops in paths.items():
+        for op in ops.values():
+            if path.startswith("/v1/"):
+                assert "401" in op["responses"], (path, op.get("summary"))
