@@ -174,8 +174,18 @@ def summary(m: dict[str, Any], where: Path) -> None:
     t.add_column(style="bold")
     t.add_column()
     cfg = m["config"]
-    t.add_row("pattern", cfg["pattern"] or (f"unstructured {cfg['sparsity']}" if cfg["sparsity"] is not None else "-"))
-    t.add_row("achieved sparsity", f"{m['achieved_sparsity']:.4f} of {m['pruned_weights']:,} prunable weights")
+    if m["pruned_weights"]:
+        t.add_row("pattern", cfg["pattern"] or f"unstructured {cfg['sparsity']} ({cfg['schedule']['kind']})")
+        t.add_row("achieved sparsity", f"{m['achieved_sparsity']:.4f} of {m['pruned_weights']:,} prunable weights")
+    if m.get("structure"):
+        st = m["structure"]
+        parts = [f"{k} {st[k]['before']} → {st[k]['after']}" for k in ("blocks", "mlp") if st.get(k)]
+        if st.get("heads"):
+            parts.append(f"heads {st['heads']['heads_before']} → {st['heads']['heads_after']}")
+        t.add_row("structure", ", ".join(parts))
+        sb, sa = st.get("speed_before"), st.get("speed_after")
+        if sb and sa:
+            t.add_row("decode tokens/s", f"{sb['decode_tokens_per_s']:.1f} → {sa['decode_tokens_per_s']:.1f}")
     t.add_row("params", f"{m['model']['params_before']:,} → {m['model']['params_after']:,}")
     cal = m["calibration"]
     t.add_row("calibration", f"{cal['source']}: {cal['nsamples']}×{cal['seqlen']} tokens, seed {cal['seed']}")

@@ -91,7 +91,8 @@ def prune(config: PruneConfig, out_dir: Path | str, on_progress: ProgressFn = no
 
         with clock.stage("structure"):
             structure_metrics = apply_structure(model, cal.tokens, config.structure, device=device,
-                                                batch_size=batch, on_progress=on_progress)
+                                                batch_size=batch, on_progress=on_progress,
+                                                should_stop=should_stop, measure_speed=True)
         _, blocks = models.find_blocks(model)
 
     layers: list[engine.LayerReport] = []
@@ -146,6 +147,7 @@ def prune(config: PruneConfig, out_dir: Path | str, on_progress: ProgressFn = no
             masks=masks if config.export.masks else {}, mask_shapes=shapes, metrics=_finite(metrics),
             max_shard_size=config.export.max_shard_size, extra=extra)
     metrics["timings"] = clock.seconds | {"total": round(time.perf_counter() - started, 4)}
+    metrics["model"]["file_bytes_after"] = sum(f.size for f in files if f.kind == "model")
     return PruneResult(out_dir, _finite(metrics), files)
 
 
