@@ -17,7 +17,7 @@ def correlated_inputs(tokens=2048, dim=128, seed=0):
     g = torch.Generator().manual_seed(seed)
     mix = torch.randn(dim, dim, generator=g) / dim**0.5
     x = torch.randn(tokens, dim, generator=g) @ mix + 0.1 * torch.randn(tokens, dim, generator=g)
-    x[:, :8] *= 10  # a few outlier features, as LLM activations have
+    x[:, ::9] *= 10  # outlier features spread over the inputs, as LLM activations have
     return x
 
 
@@ -82,8 +82,9 @@ def test_magnitude_layer_scope_is_one_threshold_row_scope_is_per_row():
 
 
 @pytest.mark.parametrize("target", [Target(0.5), Target(0.5, (2, 4))])
-def test_reconstruction_error_sparsegpt_lt_wanda_lt_magnitude(target):
-    x, w = correlated_inputs(), torch.randn(64, 128)
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_reconstruction_error_sparsegpt_lt_wanda_lt_magnitude(target, seed):
+    x, w = correlated_inputs(seed=seed), torch.randn(64, 128, generator=torch.Generator().manual_seed(seed))
     err = {n: ((x @ w.t() - x @ run(n, w, x, target).weight.t()).norm() / (x @ w.t()).norm()).item()
            for n in ("magnitude", "wanda", "sparsegpt")}
     assert err["sparsegpt"] < err["wanda"] < err["magnitude"], err
