@@ -25,9 +25,10 @@ SHARED = Path(os.environ.get("SECATEURS_SHARED_DIR", ROOT.parent / "shared"))
 
 
 def _free(port: int) -> int:
-    with socket.socket() as s:
-        if s.connect_ex(("127.0.0.1", port)) != 0:
-            return port
+    if port:
+        with socket.socket() as s:
+            if s.connect_ex(("127.0.0.1", port)) != 0:
+                return port
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]

@@ -108,7 +108,11 @@ class Settings(BaseSettings):
 
     @property
     def backend(self) -> str:
-        return self.result_backend or f"db+sqlite:///{self.data_path / 'results.db'}"
+        if self.result_backend:
+            return self.result_backend
+        if self.broker.startswith(("redis://", "rediss://")):
+            return self.broker
+        return f"db+sqlite:///{self.data_path / 'results.db'}"
 
     @property
     def artifacts_path(self) -> Path:
@@ -131,7 +135,8 @@ class Settings(BaseSettings):
         return [_abs(p) for p in self.allowed_model_roots]
 
     def ensure_dirs(self) -> None:
-        if self.db_url.startswith("sqlite") or self.broker.startswith("sqla+sqlite") or self.storage_backend == "local":
+        if (self.db_url.startswith("sqlite") or self.broker.startswith("sqla+sqlite")
+                or self.backend.startswith("db+sqlite") or self.storage_backend == "local"):
             self.data_path.mkdir(parents=True, exist_ok=True)
         if self.storage_backend == "local":
             self.artifacts_path.mkdir(parents=True, exist_ok=True)

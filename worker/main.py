@@ -8,7 +8,7 @@ from __future__ import annotations
 import logging
 import threading
 
-from celery.signals import worker_ready, worker_shutting_down
+from celery.signals import worker_init, worker_ready, worker_shutting_down
 
 from core.settings import get_settings
 from worker import tasks  # noqa: F401  (registers the task)
@@ -29,6 +29,16 @@ def _sweeper() -> None:
         except Exception:  # keep sweeping; the database may be briefly unavailable
             log.exception("lost-job sweep failed")
         _stop.wait(s.reaper_interval_seconds)
+
+
+@worker_init.connect
+def _preload(**_: object) -> None:
+    """Import torch/transformers once in the parent so each fresh child starts fast. CUDA stays untouched
+    here (it is initialised only inside the task, in the child)."""
+    try:
+        import core.pruning.run  # noqa: F401
+    except Exception:  # the task reports import problems as job failures
+        log.exception("preloading the pruning engine failed")
 
 
 @worker_ready.connect
