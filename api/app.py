@@ -22,6 +22,47 @@ naming each offending field.
 """
 
 
+class UploadLimit:
+    """Refuse oversized uploads with 413 before the multipart parser spools them to disk."""
+
+    def __init__(self, app, path: str, limit: int) -> None:  # noqa: ANN001
+        self.app, self.path, self.limit = app, path, limit
+
+    async def __call__(self, scope, receive, send) -> None:  # noqa: ANN001
+        if scope["type"] != "http" or scope["method"] != "POST" or scope["path"].rstrip("/") != self.path:
+            await self.app(scope, receive, send)
+            return
+        headers = dict(scope.get("headers") or [])
+        cl = headers.get(b"content-length", b"")
+        if cl.isdigit() and int(cl) > self.limit:
+            await self._reject(scope, receive, send)
+            return
+        seen = 0
+
+        async def counting_receive():  # noqa: ANN202
+            nonlocal seen
+            msg = await receive()
+            if msg["type"] == "http.request":
+                seen += len(msg.get("body", b""))
+                if seen > self.limit:
+                    raise _TooLarge()
+            return msg
+
+        try:
+            await self.app(scope, counting_receive, send)
+        except _TooLarge:
+            await self._reject(scope, receive, send)
+
+    async def _reject(self, scope, receive, send) -> None:  # noqa: ANN001
+        resp = problems.problem(413, "Content too large", f"uploads here are limited to {self.limit} bytes",
+                                type_="too-large", instance=scope["path"], code="too_large")
+        await resp(scope, receive, send)
+
+
+class _TooLarge(Exception):
+    pass
+
+
 def create_app(settings: Settings | None = None) -> FastAPI:
     s = settings or get_settings()
     s.ensure_dirs()
@@ -38,6 +79,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(jobs.router)
     app.include_router(calibration.router)
     app.include_router(health.router)
+    app.add_middleware(UploadLimit, path="/v1/calibration-sets", limit=s.calibration_max_bytes + 64 * 1024)
     app.add_middleware(MetricsMiddleware, registry=registry)
     logging.getLogger("secateurs").setLevel(logging.INFO)
     return app

@@ -343,3 +343,11 @@ def test_openapi_documents_routes_errors_and_examples(api):  # noqa: ANN001
         for op in ops.values():
             if path.startswith("/v1/"):
                 assert "401" in op["responses"], (path, op.get("summary"))
+
+
+def test_oversized_upload_is_refused_before_parsing(api):  # noqa: ANN001
+    _, h = api.tenant()
+    big = b"x" * (api.settings.calibration_max_bytes + 200 * 1024)
+    r = api.client.post("/v1/calibration-sets", files={"file": ("big.txt", big)}, headers=h)
+    p = assert_problem(r, 413)
+    assert p["code"] == "too_large"
