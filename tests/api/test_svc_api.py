@@ -351,3 +351,63 @@ def test_oversized_upload_is_refused_before_parsing(api):  # noqa: ANN001
     r = api.client.post("/v1/calibration-sets", files={"file": ("big.txt", big)}, headers=h)
     p = assert_problem(r, 413)
     assert p["code"] == "too_large"
+
+
+def test_local_artifacts_stream_with_range(api, tmp_path):  # noqa: ANN001
+    import hashlib
+
+    from core.db.models import Artifact
+
+    tid, h = api.tenant()
+    jid = api.client.post("/v1/pruning-jobs", json=body(), headers=h).json()["id"]
+    data = bytes(range(256)) * 100
+    src = tmp_path / "w.bin"
+    src.write_bytes(data)
+    storage = api.client.app.state.storage
+    key = f"tenants/{tid}/jobs/{jid}/attempt-1/sub/w.bin"
+    info = storage.put_file(key, src)
+    with session_scope(api.settings.db_url) as s:
+        execution.claim(s, tid, jid, "w", 60)
+        art = Artifact(tenant_id=tid, job_id=jid, attempt=1, name="sub/w.bin", kind="model", size=info.size,
+                       sha256=info.sha256, storage_key=key)
+        assert execution.finish(s, tid, jid, 1, outcome="succeeded", artifacts=[art], metrics={"achieved_sparsity": 0.5}) == "succeeded"
+    arts = api.client.get(f"/v1/pruning-jobs/{jid}/artifacts", headers=h).json()["data"]
+    assert arts == [{"name": "sub/w.bin", "kind": "model", "size": len(data), "sha256": hashlib.sha256(data).hexdigest(),
+                     "attempt": 1, "url": f"/v1/pruning-jobs/{jid}/artifacts/sub/w.bin"}]
+    full = api.client.get(arts[0]["url"], headers=h)
+    assert full.status_code == 200 and full.content == data and full.headers["accept-ranges"] == "bytes"
+    part = api.client.get(arts[0]["url"], headers={**h, "Range": "bytes=100-199"})
+    assert part.status_code == 206 and part.content == data[100:200]
+    assert part.headers["content-range"] == f"bytes 100-199/{len(data)}"
+    tail = api.client.get(arts[0]["url"], headers={**h, "Range": "bytes=-10"})
+    assert tail.status_code == 206 and tail.content == data[-10:]
+    assert api.client.get(arts[0]["url"], headers={**h, "Range": f"bytes={len(data) + 5}-"}).status_code == 416
+    assert_problem(api.client.get(f"/v1/pruning-jobs/{jid}/artifacts/../../etc/passwd", headers=h), 404)
+    job = api.client.get(f"/v1/pruning-jobs/{jid}", headers=h).json()
+    assert job["status"] == "succeeded" and job["metrics"] == {"achieved_sparsity": 0.5}
+
+
+def test_cli_creates_tenant_and_key(service_settings, monkeypatch):  # noqa: ANN001
+    from fastapi.testclient import TestClient
+    from typer.testing import CliRunner
+
+    from api.app import create_app
+    from core.cli.app import app as cli
+    from core.settings import get_settings
+
+    s = service_settings
+    monkeypatch.setenv("SECATEURS_DATABASE_URL", s.db_url)
+    monkeypatch.setenv("SECATEURS_SECRET_KEY", "test-secret")
+    monkeypatch.setenv("SECATEURS_DATA_DIR", str(s.data_dir))
+    get_settings.cache_clear()
+    try:
+        r = CliRunner().invoke(cli, ["service", "create-key", "team-a", "--create-tenant", "--name", "ci"])
+        assert r.exit_code == 0, r.output
+        key = r.output.strip().splitlines()[-1]
+        assert key.startswith("sct_")
+        bad = CliRunner().invoke(cli, ["service", "create-key", "no-such-tenant"])
+        assert bad.exit_code == 1
+    finally:
+        get_settings.cache_clear()
+    with TestClient(create_app(s)) as c:
+        assert c.get("/v1/pruning-jobs", headers={"Authorization": f"Bearer {key}"}).status_code == 200

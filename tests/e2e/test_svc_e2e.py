@@ -33,14 +33,17 @@ class Stack:
     tenant: str
     workers: list[subprocess.Popen] = field(default_factory=list)
 
-    def start_worker(self) -> subprocess.Popen:
+    def start_worker(self, via_cli: bool = False) -> subprocess.Popen:
         n = len(self.workers)
         log = open(self.tmp / f"worker-{n}.log", "w")
-        p = subprocess.Popen(
-            [sys.executable, "-m", "celery", "-A", "worker.main", "worker", "--loglevel=INFO", "--pool=prefork",
-             "--concurrency=1", "-Q", self.env["SECATEURS_QUEUE"], "--without-gossip", "--without-mingle",
-             "--without-heartbeat", f"--hostname=w{n}-{uuid.uuid4().hex[:4]}@%h"],
-            cwd=ROOT, env=self.env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        name = f"w{n}-{uuid.uuid4().hex[:4]}@%h"
+        if via_cli:  # `secateurs service worker`
+            cmd = [sys.executable, "-c", "from core.cli.app import main; main()", "service", "worker", "--hostname", name]
+        else:
+            cmd = [sys.executable, "-m", "celery", "-A", "worker.main", "worker", "--loglevel=INFO", "--pool=prefork",
+                   "--concurrency=1", "-Q", self.env["SECATEURS_QUEUE"], "--without-gossip", "--without-mingle",
+                   "--without-heartbeat", f"--hostname={name}"]
+        p = subprocess.Popen(cmd, cwd=ROOT, env=self.env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
         self.workers.append(p)
         return p
 
@@ -248,7 +251,7 @@ def test_sigkill_worker_mid_job_and_the_next_worker_finishes_it(stack: Stack):
         wait_for(c, jid, in_prune, st=stack)
         victim = stack.workers[-1]
         _kill(victim, signal.SIGKILL)  # the whole worker: main process and its child
-        stack.start_worker()
+        stack.start_worker(via_cli=True)
         job = wait_for(c, jid, terminal, timeout=180, st=stack)
         assert job["status"] == "succeeded", job
         assert job["attempt"] == 2
