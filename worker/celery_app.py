@@ -44,7 +44,8 @@ def make_celery(settings: Settings | None = None) -> Celery:
         broker_connection_retry_on_startup=True,
         worker_hijack_root_logger=False,
         worker_send_task_events=False,
-        worker_cancel_long_running_tasks_on_connection_loss=True,
+        # keep running through a broker blip: a redelivered copy is dropped by the database claim
+        worker_cancel_long_running_tasks_on_connection_loss=False,
         timezone="UTC",
     )
     app.conf.secateurs_settings = s

@@ -8,6 +8,7 @@ from celery import Celery
 from core.db.engine import session_scope
 from core.jobs import execution
 from core.settings import Settings
+from core.storage import make_storage
 from worker.celery_app import enqueue
 
 log = logging.getLogger("secateurs.worker.sweep")
@@ -20,9 +21,13 @@ def sweep(settings: Settings, app: Celery) -> dict[str, int]:
         stale = execution.stale_jobs(s)
     for tenant_id, job_id in stale:
         with session_scope(url) as s:
-            outcome = execution.requeue_lost(s, tenant_id, job_id)
+            outcome, attempt = execution.requeue_lost(s, tenant_id, job_id)
         if outcome == "none":
             continue
+        try:  # whatever the lost attempt uploaded was never recorded: remove it
+            make_storage(settings).delete_prefix(f"tenants/{tenant_id}/jobs/{job_id}/attempt-{attempt}/")
+        except Exception:
+            log.exception("cleanup after lost attempt %d of %s failed", attempt, job_id)
         counts[outcome] += 1
         log.warning("job %s: worker lost -> %s", job_id, outcome)
         if outcome == "requeued":

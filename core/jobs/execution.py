@@ -164,13 +164,20 @@ def stale_jobs(session: Session, now: datetime | None = None) -> list[tuple[str,
     return SystemRepository(session).stale_running(now or utcnow())
 
 
-def requeue_lost(session: Session, tenant_id: str, job_id: str) -> Literal["requeued", "failed", "cancelled", "none"]:
-    """The sweep's action on one job whose lease expired: hand it on, or fail it after max_attempts."""
+def requeue_lost(
+    session: Session, tenant_id: str, job_id: str
+) -> tuple[Literal["requeued", "failed", "cancelled", "none"], int]:
+    """The sweep's action on one job whose lease expired: hand it on, or fail it after max_attempts.
+    Returns the outcome and the lost attempt's number."""
     repo = JobRepository(session, tenant_id)
     job = repo.get(job_id, lock=True)
     now = utcnow()
     if job is None or JobStatus(job.status) not in ACTIVE or not _expired(job, now):
-        return "none"
+        return "none", 0
+    return _requeue(repo, job, now), job.attempt
+
+
+def _requeue(repo: JobRepository, job: Job, now: datetime) -> Literal["requeued", "failed", "cancelled"]:
     if job.status == JobStatus.cancelling.value:
         transition(job, JobStatus.cancelled, now)
         repo.add_event(job, "status", {"status": "cancelled", "reason": "worker lost while cancelling"})

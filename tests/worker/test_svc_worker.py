@@ -146,3 +146,34 @@ def test_failures_end_failed_with_a_code(env, monkeypatch, model, code):  # noqa
     assert job.error_message and job.lease_expires_at is None
     with session_scope(s.db_url) as sess:
         assert JobRepository(sess, tid).artifacts(jid) == []
+
+
+def test_sweep_publishes_jobs_whose_enqueue_never_happened(env):  # noqa: ANN001
+    from worker.celery_app import make_celery
+    from worker.sweep import sweep
+
+    s, tid = env
+    fresh, old = new_job(s, tid), new_job(s, tid)  # committed, but the API died before publishing
+    with session_scope(s.db_url) as sess:
+        JobRepository(sess, tid).get(old, lock=True).created_at = utcnow() - timedelta(minutes=5)
+    app = make_celery(s)
+    assert sweep(s, app)["enqueued"] == 1
+    assert get(s, tid, old)[0].enqueued_at is not None
+    assert get(s, tid, fresh)[0].enqueued_at is None  # within the grace period: the API may still publish it
+    assert sweep(s, app)["enqueued"] == 0  # published once, not on every sweep
+
+
+def test_sweep_removes_what_a_lost_attempt_uploaded(env, tmp_path):  # noqa: ANN001
+    from core.storage import make_storage
+    from worker.celery_app import make_celery
+    from worker.sweep import sweep
+
+    s, tid = env
+    jid = new_job(s, tid)
+    claim(s, tid, jid)
+    storage = make_storage(s)
+    (tmp_path / "f").write_bytes(b"partial")
+    storage.put_file(f"tenants/{tid}/jobs/{jid}/attempt-1/model.safetensors", tmp_path / "f")
+    expire_lease(s, tid, jid)
+    assert sweep(s, make_celery(s))["requeued"] == 1
+    assert storage.list(f"tenants/{tid}/jobs/{jid}/") == []
