@@ -11,7 +11,6 @@ from sqlalchemy.orm import Session
 from core.auth import Principal, authenticate
 from core.settings import Settings
 
-
 bearer_scheme = _bearer = HTTPBearer(auto_error=False, description="API key: sct_<id>_<secret>")
 
 

@@ -46,8 +46,9 @@ def main() -> int:
     ap.add_argument("--concurrency", type=int, default=8)
     a = ap.parse_args()
 
-    import psycopg
     from urllib.parse import urlparse
+
+    import psycopg
 
     from core.auth import create_key, create_tenant
     from core.db.engine import dispose_all, session_scope

@@ -262,7 +262,7 @@ def test_sigkill_worker_mid_job_and_the_next_worker_finishes_it(stack: Stack):
         arts = c.get(f"/v1/pruning-jobs/{jid}/artifacts").json()["data"]
         assert arts and all(a["attempt"] == 2 for a in arts)
         keys = stack.storage.list(f"tenants/{stack.tenant}/jobs/{jid}/")  # type: ignore[attr-defined]
-        assert keys and all(f"/attempt-2/" in k for k in keys)
+        assert keys and all("/attempt-2/" in k for k in keys)
 
 
 def test_bad_inputs_get_named_4xx_or_a_failed_job_with_the_right_code(stack: Stack):

@@ -130,9 +130,9 @@ def test_worker_does_nothing_for_finished_or_cancelled_jobs(env):  # noqa: ANN00
     ("EMPTY_DIR", ("model_not_found", "invalid_model")),
 ])
 def test_failures_end_failed_with_a_code(env, monkeypatch, model, code):  # noqa: ANN001
-    from worker.runner import run_job
-
     import huggingface_hub.constants
+
+    from worker.runner import run_job
 
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)  # read at import time
