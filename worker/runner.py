@@ -203,6 +203,7 @@ def run_job(settings: Settings, tenant_id: str, job_id: str, worker_id: str) -> 
                 raise Cancelled("cancelled after the last block")
             arts: list[Artifact] = []
             out_dir = Path(result.out_dir)
+            note(f"uploading {len(result.files)} artifacts to {storage.kind} storage")
             for f in result.files:
                 info = storage.put_file(prefix + f.name, out_dir / f.name)
                 if getattr(f, "sha256", None) and f.sha256 != info.sha256:
