@@ -97,6 +97,14 @@ def main(model: str | None = None, port: int = 8765, data_dir: str | None = None
                     _say("[demo] API did not become ready; see the logs")
                     return 1
                 time.sleep(0.3)
+            wlog = logs / "worker.log"
+            t_w = time.perf_counter()
+            while " ready." not in wlog.read_text(errors="replace"):
+                if procs[0].poll() is not None or time.perf_counter() - t_w > 180:
+                    _say("[demo] the worker did not start; see the logs")
+                    return 1
+                time.sleep(0.3)
+            _say("[demo] worker ready")
             eval_cal = None
             text = SHARED / "assets" / "text" / "wikitext-2-test.txt"
             if text.is_file():

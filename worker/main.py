@@ -37,6 +37,15 @@ def _preload(**_: object) -> None:
     here (it is initialised only inside the task, in the child)."""
     try:
         import core.pruning.run  # noqa: F401
+        import transformers
+
+        # the lazy modules of the most common architectures, so a job's model load does not pay for them
+        for arch in ("llama", "mistral", "qwen2", "qwen3", "gemma", "opt", "gpt2"):
+            try:
+                getattr(transformers, "AutoModelForCausalLM")
+                __import__(f"transformers.models.{arch}.modeling_{arch}")
+            except Exception:  # noqa: BLE001  (an architecture missing from this transformers)
+                pass
     except Exception:  # the task reports import problems as job failures
         log.exception("preloading the pruning engine failed")
 
