@@ -73,6 +73,11 @@ def main(model: str | None = None, port: int = 8765, data_dir: str | None = None
     logs = data / "logs"
     logs.mkdir(exist_ok=True)
     procs: list[subprocess.Popen] = []
+
+    def _term(signum: int, _frame: object) -> None:  # clean up the children on SIGTERM/SIGINT too
+        raise SystemExit(128 + signum)
+
+    signal.signal(signal.SIGTERM, _term)
     try:
         procs.append(subprocess.Popen(
             [sys.executable, "-m", "celery", "-A", "worker.main", "worker", "--loglevel=INFO", "--pool=prefork",
