@@ -58,8 +58,18 @@ def main() -> None:
         import shutil
 
         shutil.rmtree(out_dir)
+    # (wall, process CPU) at each stage boundary the engine reports; the CPU time of the pruning work is
+    # the span from the first event after loading ("calibrate") to the "export" event.
+    marks: dict[str, tuple[float, float]] = {}
+    rss_at_events: list[tuple[str, int, int]] = []  # (stage/block, current RSS, peak RSS so far)
+
+    def on_progress(p) -> None:
+        marks.setdefault(p.stage, (time.perf_counter(), time.process_time()))
+        tag = p.stage if p.block is None else f"{p.stage} block {p.block}"
+        rss_at_events.append((tag, C.rss_bytes(), C.peak_rss_self_bytes()))
+
     t = time.perf_counter()
-    result = prune(cfg, out_dir)
+    result = prune(cfg, out_dir, on_progress=on_progress)
     total_s = time.perf_counter() - t
     clock.lap("prune_call")
 
@@ -68,12 +78,20 @@ def main() -> None:
     flat = {k: v for k, v in timings.items() if isinstance(v, (int, float)) and k != "total"}
     excluded = {k: v for k, v in flat.items() if any(w in k.lower() for w in NOT_PRUNING)}
     prune_s = total_s - sum(excluded.values()) if flat else total_s
+    span = None
+    if "calibrate" in marks and "export" in marks:
+        span = {
+            "wall_s": marks["export"][0] - marks["calibrate"][0],
+            "cpu_s": marks["export"][1] - marks["calibrate"][1],
+        }
     C.write_result(
         out,
         {
             "tool": "secateurs",
             "prune_s": prune_s,
             "prune_call_s": total_s,
+            "prune_cpu_s": span["cpu_s"] if span else None,
+            "calibrate_to_export_wall_s": span["wall_s"] if span else None,
             "excluded_stages": excluded,
             "engine_timings": timings,
             "engine_memory": metrics.get("memory"),
@@ -81,6 +99,7 @@ def main() -> None:
             "engine_sparsity": metrics.get("achieved_sparsity"),
             "engine_calibration": metrics.get("calibration"),
             "damping_retries": metrics.get("damping_retries"),
+            "rss_at_events": rss_at_events,
             "stages": clock.stages,
             "rss_at": clock.rss,
             "peak_rss_self": C.peak_rss_self_bytes(),

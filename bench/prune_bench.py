@@ -149,21 +149,15 @@ def run_worker(python: str, script: Path, spec: dict, work: Path, tag: str, time
     return out
 
 
-def run_repeated(n: int, *a) -> dict:
-    """Run a pruning worker n times; keep the fastest (the machine is shared: others' load only adds time).
-
-    Every attempt's prune time, peak RSS and load average stay in the record.
-    """
-    runs = []
-    for _ in range(max(1, n)):
-        r = run_worker(*a)
-        runs.append(r)
-        if r.get("error"):
-            return r
-    best = min(runs, key=lambda r: r["prune_s"])
-    best = dict(best)
+def pick_fastest(runs: list[dict]) -> dict:
+    """Keep the fastest attempt (the machine is shared: others' load only adds time); keep every attempt's record."""
+    bad = [r for r in runs if r.get("error")]
+    if bad:
+        return bad[0]
+    best = dict(min(runs, key=lambda r: r["prune_s"]))
     best["attempts"] = [
-        {k: r.get(k) for k in ("prune_s", "process_wall_s", "cpu_s", "peak_rss", "loadavg_before")} for r in runs
+        {k: r.get(k) for k in ("prune_s", "prune_cpu_s", "process_wall_s", "cpu_s", "peak_rss", "loadavg_before")}
+        for r in runs
     ]
     best["peak_rss_max"] = max(r["peak_rss"] for r in runs)
     return best
@@ -228,6 +222,7 @@ def parse_args(argv=None):
     p.add_argument("--llmc-python", default=str(DEFAULT_LLMC_PY), help="python of the llm-compressor virtualenv")
     p.add_argument("--llmc-batch-size", type=int, default=1, help="oneshot batch_size (its default is 1)")
     p.add_argument("--repeat", type=int, default=1, help="prune runs per cell; the fastest is reported (shared machine)")
+    p.add_argument("--show-attempts", action="store_true", help="print the per-attempt table even with --repeat 1")
     p.add_argument("--no-llmc", action="store_true", help="only our engine")
     p.add_argument("--no-ours", action="store_true", help="only llm-compressor")
     p.add_argument("--workdir", default=str(ROOT / "out" / "bench"))
@@ -286,82 +281,92 @@ def main(argv=None) -> int:
             label = pat if nm else f"unstructured {sparsity:g}"
             tag = f"{method}_{pat.replace(':', 'of').replace('.', 'p')}"
             row = {"method": method, "pattern": label}
+            out_dir = work / f"ours_{tag}"
+            weights = work / f"llmc_{tag}.safetensors"
+            jobs = {}
             if not args.no_ours:
-                print(f"[ours] {method} {label} ...", flush=True)
-                out_dir = work / f"ours_{tag}"
-                shutil.rmtree(out_dir, ignore_errors=True)
-                ours = run_repeated(
-                    args.repeat, py, HERE / "_ours_runner.py",
-                    {**common, "tokens": data["calib_tokens"], "method": method, "sparsity": sparsity,
-                     "pattern": pat if nm else None, "out_dir": str(out_dir)},
-                    work, f"ours_{tag}", args.timeout,
-                )
-                if not ours.get("error"):
-                    ev = run_worker(
-                        py, HERE / "_eval_runner.py",
-                        {**common, "mode": "eval", "model": str(out_dir), "eval_tokens": data["eval_tokens"],
-                         "batch_size": args.eval_batch},
-                        work, f"ours_{tag}_eval", args.timeout,
-                    )
-                    ours["ppl"], ours["stats"], ours["eval_error"] = ev.get("ppl"), ev.get("stats"), ev.get("error")
-                    shutil.rmtree(out_dir, ignore_errors=True)
-                else:
-                    print(ours["error"])
-                row["ours"] = ours
+                jobs["ours"] = (py, HERE / "_ours_runner.py",
+                                {**common, "tokens": data["calib_tokens"], "method": method, "sparsity": sparsity,
+                                 "pattern": pat if nm else None, "out_dir": str(out_dir)})
             if llmc and method in LLMC_METHODS:
-                print(f"[llmc] {method} {label} ...", flush=True)
-                weights = work / f"llmc_{tag}.safetensors"
-                theirs = run_repeated(
-                    args.repeat, args.llmc_python, HERE / "llmc_runner.py",
-                    {**common, "tokens": data["calib_tokens"], "method": method,
-                     "sparsity": 0.5 if nm else sparsity, "mask_structure": pat if nm else "0:0",
-                     "batch_size": args.llmc_batch_size, "save": str(weights)},
-                    work, f"llmc_{tag}", args.timeout,
-                )
-                if not theirs.get("error"):
-                    ev = run_worker(
-                        py, HERE / "_eval_runner.py",
-                        {**common, "mode": "eval", "weights": str(weights), "eval_tokens": data["eval_tokens"],
-                         "batch_size": args.eval_batch},
-                        work, f"llmc_{tag}_eval", args.timeout,
-                    )
-                    theirs["ppl"], theirs["eval_error"] = ev.get("ppl"), ev.get("error")
-                    weights.unlink(missing_ok=True)
-                else:
-                    print(theirs["error"])
-                row["llmc"] = theirs
+                jobs["llmc"] = (args.llmc_python, HERE / "llmc_runner.py",
+                                {**common, "tokens": data["calib_tokens"], "method": method,
+                                 "sparsity": 0.5 if nm else sparsity, "mask_structure": pat if nm else "0:0",
+                                 "batch_size": args.llmc_batch_size, "save": str(weights)})
+            # Attempts alternate between the tools (ours, llmc, ours, llmc, ...) so that both see
+            # about the same background load on a shared machine.
+            runs: dict[str, list[dict]] = {k: [] for k in jobs}
+            for k in range(max(1, args.repeat)):
+                for tool, (python, script, spec) in jobs.items():
+                    if runs[tool] and runs[tool][-1].get("error"):
+                        continue
+                    print(f"[{tool}] {method} {label} attempt {k + 1}/{args.repeat} ...", flush=True)
+                    r = run_worker(python, script, spec, work, f"{tool}_{tag}", args.timeout)
+                    if r.get("error"):
+                        print(r["error"])
+                    runs[tool].append(r)
+            for tool in jobs:
+                res = pick_fastest(runs[tool])
+                if not res.get("error"):
+                    ev_spec = {**common, "mode": "eval", "eval_tokens": data["eval_tokens"], "batch_size": args.eval_batch}
+                    if tool == "ours":
+                        ev_spec["model"] = str(out_dir)
+                    else:
+                        ev_spec["weights"] = str(weights)
+                    ev = run_worker(py, HERE / "_eval_runner.py", ev_spec, work, f"{tool}_{tag}_eval", args.timeout)
+                    res["ppl"], res["stats"], res["eval_error"] = ev.get("ppl"), ev.get("stats"), ev.get("error")
+                    if ev.get("error"):
+                        print(ev["error"])
+                row[tool] = res
+            shutil.rmtree(out_dir, ignore_errors=True)
+            weights.unlink(missing_ok=True)
             results.append(row)
 
     # ------------------------------------------------------------------ tables
     dppl = dense.get("ppl")
-    rows = []
+    rows, arows = [], []
     for r in results:
         o, t = r.get("ours") or {}, r.get("llmc") or {}
         o_s, t_s = o.get("prune_s"), t.get("prune_s")
+        o_c, t_c = o.get("prune_cpu_s"), t.get("prune_cpu_s")
         o_p, t_p = o.get("ppl"), t.get("ppl")
         tr = (o_s / t_s) if (o_s and t_s) else None
+        cr = (o_c / t_c) if (o_c and t_c) else None
         pr = (o_p / t_p) if (o_p and t_p) else None
+        sp = lambda d: "—" if not d.get("stats") else f"{d['stats']['sparsity']:.3f}"  # noqa: E731
         rows.append([
             r["method"], r["pattern"],
-            fmt_s(o_s), fmt_s(o.get("process_wall_s")), fmt_mb(o.get("peak_rss")),
-            fmt_ppl(dppl), fmt_ppl(o_p),
-            "—" if not o.get("stats") else f"{o['stats']['sparsity']:.3f}",
-            fmt_s(t_s), fmt_s(t.get("process_wall_s")), fmt_mb(t.get("peak_rss")), fmt_ppl(t_p),
-            "—" if not t.get("stats") else f"{t['stats']['sparsity']:.3f}",
-            fmt_ratio(tr, TIME_RATIO_MAX), fmt_ratio(pr, PPL_RATIO_MAX),
+            fmt_s(o_s), fmt_s(t_s), fmt_ratio(tr, TIME_RATIO_MAX),
+            fmt_s(o_c), fmt_s(t_c), "—" if cr is None else f"{cr:.3f}",
+            fmt_ppl(dppl), fmt_ppl(o_p), fmt_ppl(t_p), fmt_ratio(pr, PPL_RATIO_MAX),
+            fmt_mb(o.get("peak_rss")), fmt_mb(t.get("peak_rss")),
+            f"{sp(o)} / {sp(t)}",
         ])
+        for tool, d in (("ours", o), ("llmc", t)):
+            for k, a in enumerate(d.get("attempts") or []):
+                arows.append([
+                    r["method"], r["pattern"], tool, str(k + 1), fmt_s(a.get("prune_s")), fmt_s(a.get("prune_cpu_s")),
+                    fmt_s(a.get("process_wall_s")), fmt_mb(a.get("peak_rss")),
+                    "—" if a.get("loadavg_before") is None else f"{a['loadavg_before']:.2f}",
+                ])
     headers = [
         "method", "pattern",
-        "ours prune s", "ours proc s", "ours peak MB", "ppl dense", "ours ppl", "ours spars.",
-        "llmc prune s", "llmc proc s", "llmc peak MB", "llmc ppl", "llmc spars.",
-        f"time ours/llmc (≤{TIME_RATIO_MAX})", f"ppl ours/llmc (≤{PPL_RATIO_MAX})",
+        "ours prune s", "llmc prune s", f"time ours/llmc (≤{TIME_RATIO_MAX})",
+        "ours cpu s", "llmc cpu s", "cpu ours/llmc",
+        "ppl dense", "ours ppl", "llmc ppl", f"ppl ours/llmc (≤{PPL_RATIO_MAX})",
+        "ours peak MB", "llmc peak MB", "sparsity ours / llmc",
     ]
     print()
     print_table(
         f"{mtag}: calibration {ns}x{sl} tokens, eval {data['eval_shape'][0]}x{data['eval_shape'][1]}, "
-        f"torch threads {args.threads}",
+        f"torch threads {args.threads}, fastest of {args.repeat}",
         headers, rows,
     )
+    if args.repeat > 1 or args.show_attempts:
+        print_table(
+            "every attempt (load average = 1-min load of the machine just before the run)",
+            ["method", "pattern", "tool", "#", "prune s", "cpu s", "proc s", "peak MB", "load avg"], arows,
+        )
 
     mrows = []
     for r in results:
@@ -391,7 +396,8 @@ def main(argv=None) -> int:
     vers = next((r["llmc"].get("versions") for r in results if r.get("llmc", {}).get("versions")), None)
     print(
         "  prune s: ours = engine prune() minus its load/export stages; llmc = the oneshot() call "
-        "(model already loaded, nothing saved). proc s = whole subprocess incl. imports."
+        "(model already loaded, nothing saved). cpu s = process CPU time (all threads) of that same span\n"
+        "  (ours: engine progress events 'calibrate' -> 'export'); less sensitive than wall time to other load on the machine."
     )
     if vers:
         print(f"  llm-compressor side: {vers}")

@@ -1,0 +1,57 @@
+"""Profile one run of our engine with cProfile (main environment).
+
+    python bench/_profile.py MODEL_DIR TOKENS.pt METHOD PATTERN [THREADS]
+
+PATTERN is an unstructured sparsity (0.5) or N:M (2:4). Prints the engine functions that take the
+time (cumulative and own), the engine's stage timings and the RSS peak.
+"""
+from __future__ import annotations
+
+import cProfile
+import io
+import pstats
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+sys.path.insert(1, str(HERE.parent))
+
+import _common as C  # noqa: E402
+
+
+def main() -> None:
+    model, tokens, method, pattern = sys.argv[1:5]
+    threads = int(sys.argv[5]) if len(sys.argv) > 5 else 2
+    C.set_threads(threads)
+    from core.pruning.config import CalibrationConfig, ExportConfig, PruneConfig
+    from core.pruning.run import prune
+
+    t = C.load_tokens(tokens)
+    nm = ":" in pattern
+    cfg = PruneConfig(
+        model=model, method=method, sparsity=None if nm else float(pattern), pattern=pattern if nm else None,
+        device="cpu", dtype="float32",
+        calibration=CalibrationConfig(source=tokens, nsamples=t.shape[0], seqlen=t.shape[1]),
+        evaluation=None, export=ExportConfig(save_model=False, masks=False),
+    )
+    out = Path(tempfile.mkdtemp()) / "out"
+    prof = cProfile.Profile()
+    t0 = time.perf_counter()
+    prof.enable()
+    res = prune(cfg, out)
+    prof.disable()
+    print(f"prune() {time.perf_counter() - t0:.2f}s  timings {res.metrics['timings']}  "
+          f"peak RSS {C.peak_rss_self_bytes() / 2**20:.0f} MB")
+    for key in ("cumulative", "tottime"):
+        s = io.StringIO()
+        pstats.Stats(prof, stream=s).sort_stats(key).print_stats(28)
+        print(s.getvalue())
+    shutil.rmtree(out.parent, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
