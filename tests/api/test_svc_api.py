@@ -411,3 +411,17 @@ def test_cli_creates_tenant_and_key(service_settings, monkeypatch):  # noqa: ANN
         get_settings.cache_clear()
     with TestClient(create_app(s)) as c:
         assert c.get("/v1/pruning-jobs", headers={"Authorization": f"Bearer {key}"}).status_code == 200
+
+
+def test_concurrent_requests_with_one_idempotency_key_create_one_job(api):  # noqa: ANN001
+    from concurrent.futures import ThreadPoolExecutor
+
+    _, h = api.tenant()
+    hk = {**h, "Idempotency-Key": "race-1"}
+    with ThreadPoolExecutor(6) as ex:
+        rs = list(ex.map(lambda _: api.client.post("/v1/pruning-jobs", json=body(), headers=hk), range(6)))
+    codes = sorted(r.status_code for r in rs)
+    assert set(codes) <= {201, 409} and 201 in codes, [r.text for r in rs]
+    ids = {r.json()["id"] for r in rs if r.status_code == 201}
+    assert len(ids) == 1
+    assert len(api.client.get("/v1/pruning-jobs", headers=h).json()["data"]) == 1

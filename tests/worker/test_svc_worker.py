@@ -177,3 +177,15 @@ def test_sweep_removes_what_a_lost_attempt_uploaded(env, tmp_path):  # noqa: ANN
     expire_lease(s, tid, jid)
     assert sweep(s, make_celery(s))["requeued"] == 1
     assert storage.list(f"tenants/{tid}/jobs/{jid}/") == []
+
+
+def test_concurrent_claims_run_a_job_once(env):  # noqa: ANN001
+    from concurrent.futures import ThreadPoolExecutor
+
+    s, tid = env
+    jid = new_job(s, tid)
+    with ThreadPoolExecutor(8) as ex:
+        outcomes = list(ex.map(lambda i: claim(s, tid, jid, f"w{i}").outcome, range(8)))
+    assert outcomes.count("claimed") == 1 and outcomes.count("skipped") == 7
+    job, _ = get(s, tid, jid)
+    assert job.attempt == 1
