@@ -287,3 +287,25 @@ def test_bad_inputs_get_named_4xx_or_a_failed_job_with_the_right_code(stack: Sta
         job = wait_for(c, jid, terminal, st=stack)
         assert job["status"] == "failed" and job["error"]["code"] == "model_not_found", job
         assert job["error"]["message"]
+        # too little calibration text for the asked window: a failed job, not a crash
+        short = {**ok, "calibration": {"texts": ["tiny"], "nsamples": 4, "seqlen": 128}}
+        job = wait_for(c, c.post("/v1/pruning-jobs", json=short).json()["id"], terminal, st=stack)
+        assert job["status"] == "failed" and job["error"]["code"] == "calibration_error", job
+
+
+def test_model_from_an_s3_uri(stack: Stack):
+    storage = stack.storage  # type: ignore[attr-defined]
+    src = stack.models / "stories260k"  # type: ignore[attr-defined]
+    for f in src.iterdir():
+        storage.client.upload_file(str(f), BUCKET, f"models/stories260k/{f.name}")
+    with stack.client() as c:
+        body = {"model": f"s3://{BUCKET}/models/stories260k/", "method": "magnitude", "sparsity": 0.3,
+                "calibration": {"texts": _texts(stack), "nsamples": 2, "seqlen": 16}}
+        r = c.post("/v1/pruning-jobs", json=body)
+        assert r.status_code == 201, r.text
+        job = wait_for(c, r.json()["id"], terminal, st=stack)
+        assert job["status"] == "succeeded", job
+        assert abs(job["metrics"]["achieved_sparsity"] - 0.3) < 0.01
+        missing = c.post("/v1/pruning-jobs", json={**body, "model": f"s3://{BUCKET}/models/nothing-here/"}).json()
+        job = wait_for(c, missing["id"], terminal, st=stack)
+        assert job["status"] == "failed" and job["error"]["code"] == "model_not_found", job

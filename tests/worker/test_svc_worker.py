@@ -189,3 +189,21 @@ def test_concurrent_claims_run_a_job_once(env):  # noqa: ANN001
     assert outcomes.count("claimed") == 1 and outcomes.count("skipped") == 7
     job, _ = get(s, tid, jid)
     assert job.attempt == 1
+
+
+def test_error_codes_of_exceptions():
+    import torch
+    from celery.exceptions import SoftTimeLimitExceeded
+
+    from core.pruning.errors import CalibrationError, InvalidModelError
+    from core.storage import StorageError
+    from worker.runner import _error_of
+
+    assert _error_of(MemoryError()) == ("out_of_memory", "out of host memory")
+    assert _error_of(torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2 GiB"))[0] == "out_of_memory"
+    assert _error_of(CalibrationError("no texts")) == ("calibration_error", "no texts")
+    assert _error_of(InvalidModelError("not a causal LM"))[0] == "invalid_model"
+    assert _error_of(SoftTimeLimitExceeded())[0] == "timeout"
+    assert _error_of(StorageError("bucket gone"))[0] == "storage_error"
+    code, msg = _error_of(KeyError("x"))
+    assert code == "internal_error" and "KeyError" in msg
