@@ -85,7 +85,6 @@ def load_tokens(path: str | Path):
 
 def block_linear_stats(model) -> dict[str, Any]:
     """Sparsity over every decoder-block linear weight and a 2:4 validity check."""
-    import torch
 
     total = zeros = 0
     nm_ok = True

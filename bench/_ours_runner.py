@@ -19,7 +19,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 sys.path.insert(1, str(HERE.parent))
 
-import _common as C  # noqa: E402
+import _common as C
 
 # Engine stages that are not part of the work llm-compressor's timed `oneshot` call does
 # (it gets an already loaded model and saves nothing).

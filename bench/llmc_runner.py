@@ -21,7 +21,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-import _common as C  # noqa: E402
+import _common as C
 
 
 def main() -> None:
@@ -29,11 +29,10 @@ def main() -> None:
     clock = C.Clock()
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
+    import llmcompressor
     import torch
     import transformers
     from datasets import Dataset
-
-    import llmcompressor
     from llmcompressor import oneshot
     from llmcompressor.modifiers.pruning import SparseGPTModifier, WandaPruningModifier
 
@@ -49,12 +48,12 @@ def main() -> None:
     )
     clock.lap("load")
 
-    common = dict(
-        sparsity=float(spec["sparsity"]),
-        mask_structure=spec["mask_structure"],
-        targets=["Linear"],
-        ignore=["re:.*lm_head"],
-    )
+    common = {
+        "sparsity": float(spec["sparsity"]),
+        "mask_structure": spec["mask_structure"],
+        "targets": ["Linear"],
+        "ignore": ["re:.*lm_head"],
+    }
     if spec["method"] == "sparsegpt":
         modifier = SparseGPTModifier(block_size=128, dampening_frac=0.01, **common)
     elif spec["method"] == "wanda":

@@ -228,6 +228,8 @@ def parse_args(argv=None):
     p.add_argument("--workdir", default=str(ROOT / "out" / "bench"))
     p.add_argument("--timeout", type=float, default=3600, help="seconds per subprocess")
     p.add_argument("--json", default=None, help="also write every measurement to this JSON file")
+    p.add_argument("--from-json", default=None, help="print the tables of a saved --json run again (no pruning)")
+    p.add_argument("--remeasure-baseline", action="store_true", help="with --from-json: measure the runtime baseline anew")
     a = p.parse_args(argv)
     a.eval_text = a.eval_text or a.calib_text
     return a
@@ -236,6 +238,8 @@ def parse_args(argv=None):
 def main(argv=None) -> int:
     args = parse_args(argv)
     py = sys.executable
+    if args.from_json:
+        return rereport(args)
     work = Path(args.workdir).resolve()
     work.mkdir(parents=True, exist_ok=True)
 
@@ -267,11 +271,6 @@ def main(argv=None) -> int:
         work, "dense_eval", args.timeout,
     )
     print(f"dense ppl {fmt_ppl(dense.get('ppl'))}", flush=True)
-
-    hidden, dbytes = base["hidden_size"], base["dtype_bytes"]
-    ns, sl = data["calib_shape"]
-    act_bytes = ns * sl * hidden * dbytes
-    mem_limit = (base["largest_block_bytes"] + act_bytes) * MEM_FACTOR + base["baseline_rss"]
 
     results = []
     for method in [m.strip() for m in args.methods.split(",") if m.strip()]:
@@ -322,7 +321,39 @@ def main(argv=None) -> int:
             weights.unlink(missing_ok=True)
             results.append(row)
 
-    # ------------------------------------------------------------------ tables
+    if args.json:
+        Path(args.json).write_text(json.dumps(
+            {"args": vars(args), "model_dir": str(model_dir), "data": data, "baseline": base, "dense": dense,
+             "results": results}, indent=1, default=str))
+    report(args, mtag, data, base, dense, results)
+    return 0
+
+
+def rereport(args) -> int:
+    saved = json.loads(Path(args.from_json).read_text())
+    base = saved["baseline"]
+    model_dir = Path(saved.get("model_dir") or saved["args"]["model"])
+    if args.remeasure_baseline:
+        work = Path(args.workdir).resolve()
+        work.mkdir(parents=True, exist_ok=True)
+        base = run_worker(sys.executable, HERE / "_eval_runner.py",
+                          {"threads": saved["args"]["threads"], "model": str(model_dir), "mode": "baseline"},
+                          work, f"baseline_{model_dir.name}", args.timeout)
+        if base.get("error"):
+            print(base["error"])
+            return 1
+    for k in ("repeat", "show_attempts"):
+        setattr(args, k, saved["args"].get(k, getattr(args, k)))
+    args.threads = saved["args"]["threads"]
+    report(args, model_dir.name, saved["data"], base, saved["dense"], saved["results"])
+    return 0
+
+
+def report(args, mtag: str, data: dict, base: dict, dense: dict, results: list[dict]) -> None:
+    hidden, dbytes = base["hidden_size"], base["dtype_bytes"]
+    ns, sl = data["calib_shape"]
+    act_bytes = ns * sl * hidden * dbytes
+    mem_limit = (base["largest_block_bytes"] + act_bytes) * MEM_FACTOR + base["baseline_rss"]
     dppl = dense.get("ppl")
     rows, arows = [], []
     for r in results:
@@ -333,7 +364,7 @@ def main(argv=None) -> int:
         tr = (o_s / t_s) if (o_s and t_s) else None
         cr = (o_c / t_c) if (o_c and t_c) else None
         pr = (o_p / t_p) if (o_p and t_p) else None
-        sp = lambda d: "—" if not d.get("stats") else f"{d['stats']['sparsity']:.3f}"  # noqa: E731
+        sp = lambda d: "—" if not d.get("stats") else f"{d['stats']['sparsity']:.3f}"
         rows.append([
             r["method"], r["pattern"],
             fmt_s(o_s), fmt_s(t_s), fmt_ratio(tr, TIME_RATIO_MAX),
@@ -388,8 +419,10 @@ def main(argv=None) -> int:
         f"{base['model_params'] / 1e6:.2f}M params = {base['model_param_bytes'] / MB:.1f} MB)\n"
         f"  calib activations  {act_bytes / MB:10.2f} MB  (nsamples {ns} × seqlen {sl} × hidden {hidden} × {dbytes} B)\n"
         f"  runtime baseline   {base['baseline_rss'] / MB:10.2f} MB  (RSS of a fresh process after importing torch, "
-        f"transformers{' and core.pruning.run' if base.get('engine_imported') else ''} and loading the dense model on CPU; "
-        f"imports alone {base['rss_imports'] / MB:.0f} MB)\n"
+        f"transformers{' and core.pruning.run' if base.get('engine_imported') else ''} and loading the dense model on CPU,\n"
+        f"                     every weight read once; imports alone {base['rss_imports'] / MB:.0f} MB"
+        + (f", right after from_pretrained before reading the weights {base['baseline_rss_lazy'] / MB:.0f} MB"
+           if base.get("baseline_rss_lazy") else "") + ")\n"
         f"  limit = ({base['largest_block_bytes'] / MB:.2f} + {act_bytes / MB:.2f}) × {MEM_FACTOR} + "
         f"{base['baseline_rss'] / MB:.2f} = {mem_limit / MB:.2f} MB"
     )
@@ -401,12 +434,6 @@ def main(argv=None) -> int:
     )
     if vers:
         print(f"  llm-compressor side: {vers}")
-
-    if args.json:
-        Path(args.json).write_text(json.dumps(
-            {"args": vars(args), "data": data, "baseline": base, "dense": dense, "results": results,
-             "mem_limit": mem_limit, "act_bytes": act_bytes}, indent=1, default=str))
-    return 0
 
 
 if __name__ == "__main__":
