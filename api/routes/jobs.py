@@ -53,8 +53,10 @@ def _json(body: dict[str, Any], status: int = 200, headers: dict[str, str] | Non
     response_model=JobOut,
     summary="Create a pruning job",
     responses={
-        201: {"description": "Created; `Location` points at the job", "headers": {"Location": {"schema": {"type": "string"}}}},
-        200: {"description": "Replay of an earlier request with the same Idempotency-Key", "model": JobOut},
+        201: {"description": "Created; `Location` points at the job. A repeat with the same Idempotency-Key and "
+                             "body returns the stored response with `Idempotent-Replayed: true`.",
+              "headers": {"Location": {"schema": {"type": "string"}},
+                          "Idempotent-Replayed": {"schema": {"type": "string"}, "description": "set on replays"}}},
         **error_responses(401, 409, 422),
     },
 )
