@@ -95,7 +95,9 @@ def stack(pg_database: str, moto_server: str, stories260k: Path, text_dir: Path,
     tmp = tmp_path_factory.mktemp("e2e")
     models = tmp / "models"
     models.mkdir()
-    shutil.copytree(stories260k, models / "stories260k")
+    shutil.copytree(stories260k, models / "stories260k", copy_function=shutil.copyfile)
+    for p in [models / "stories260k", *(models / "stories260k").rglob("*")]:  # shared/ may be read-only
+        p.chmod(0o755 if p.is_dir() else 0o644)
     _slow_model(models / "slow", stories260k)
     queue = f"secateurs-e2e-{uuid.uuid4().hex[:8]}"
     env = {k: v for k, v in os.environ.items() if not k.startswith("SECATEURS_")}
