@@ -38,12 +38,10 @@ def plan(model: nn.Module, cfg: StructureConfig) -> dict[str, Any]:
         spec = arch.find_mlp(b0)
         if spec is None:
             raise InvalidModelError(f"no known MLP layout in {type(b0).__name__}: cannot prune MLP channels")
-        n = models.in_features(b0.get_submodule(spec.out))
+        hidden, n = models.get_weight(b0.get_submodule(spec.out)).shape
         k = _count(cfg.mlp_channels, n)
         ref = arch.reference(model, arch.edited(conf, **{spec.size_key: n - k}))
-        want = {spec.out: models.get_weight(b0.get_submodule(spec.out)).shape[0]}
-        got = arch.shapes_in_block0(ref, [spec.out])[spec.out]
-        if got != (want[spec.out], n - k):
+        if arch.shapes_in_block0(ref, [spec.out])[spec.out] != (hidden, n - k):
             raise InvalidModelError(f"config key {spec.size_key!r} does not set the MLP width of {type(model).__name__}")
         p["mlp"] = {"spec": spec, "before": n, "remove": k,
                     "compensate": cfg.bias_compensation and _bias_ok(model, spec.out, spec.bias_flag, p, "MLP")}

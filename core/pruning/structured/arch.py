@@ -127,7 +127,7 @@ def edited(config, **changes):
         if callable(getattr(cfg, "validate", None)):
             cfg.validate()
     except Exception as e:  # noqa: BLE001 - transformers raises several types here
-        raise InvalidModelError(f"transformers rejects {changes}: {str(e).strip().splitlines()[-1]}") from e
+        raise InvalidModelError(f"transformers rejects {changes}: {str(e).strip().splitlines()[-1].strip()}") from e
     return cfg
 
 

@@ -35,7 +35,7 @@ def can_generate(model: nn.Module) -> bool:
 
 @torch.inference_mode()
 def generation_speed(model: nn.Module, prompt_len: int = 128, new_tokens: int = 64, repeats: int = 3,
-                     seed: int = 0) -> dict | None:
+                     seed: int = 0, warmup: int = 2) -> dict | None:
     """Median tokens/s of prefill (one forward over a prompt) and greedy decode with the KV cache, batch 1.
     None for models that cannot generate (encoders)."""
     if not can_generate(model):
@@ -54,23 +54,27 @@ def generation_speed(model: nn.Module, prompt_len: int = 128, new_tokens: int = 
         out = model(input_ids=x, use_cache=True, **({key: cache} if cache is not None else {}))
         return (out.get("cache") or out.get("past_key_values")), out.logits[:, -1:].argmax(-1)
 
-    def once() -> tuple[float, float]:
+    def once() -> tuple[float, float, float, float]:
         sync()
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         cache, nxt = step(ids, None)
         sync()
-        t1 = time.perf_counter()
+        t1, c1 = time.perf_counter(), time.process_time()
         for _ in range(new_tokens):
             cache, nxt = step(nxt, cache)
         sync()
-        return t1 - t0, time.perf_counter() - t1
+        return t1 - t0, time.perf_counter() - t1, c1 - c0, time.process_time() - c1
 
     was_training = model.training
     model.eval()
-    once(), once()  # warm-up (first calls pick kernels)
+    for _ in range(warmup):  # first calls pick kernels
+        once()
     runs = [once() for _ in range(repeats)]
     model.train(was_training)
-    pre, dec = statistics.median(r[0] for r in runs), statistics.median(r[1] for r in runs)
+    pre, dec, cpre, cdec = (statistics.median(r[i] for r in runs) for i in range(4))
+    # per second of this process's CPU time (all its threads): steadier than wall time on a shared machine
     return {"prefill_tokens_per_s": prompt_len / pre, "decode_tokens_per_s": new_tokens / dec,
+            "prefill_tokens_per_cpu_s": prompt_len / max(cpre, 1e-9),
+            "decode_tokens_per_cpu_s": new_tokens / max(cdec, 1e-9),
             "prompt_len": prompt_len, "new_tokens": new_tokens, "batch": 1, "repeats": repeats,
             "threads": torch.get_num_threads(), "device": str(dev)}

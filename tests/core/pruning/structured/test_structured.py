@@ -203,3 +203,26 @@ def test_stories260k_real_model(stories260k, text_dir, tmp_path):
     again = _reload_same(model, tmp_path)
     assert dir_bytes(tmp_path) < dir_bytes(stories260k)
     assert ppl(again) == pytest.approx(m["perplexity_after"])
+
+
+def test_qwen2_layer_types_and_bias_notes(tmp_path):
+    """Per-layer config lists follow the removed blocks; q/k/v biases are cut with their heads; an o_proj the
+    config cannot give a bias means no attention compensation, said in the notes."""
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    torch.manual_seed(0)
+    model = Qwen2ForCausalLM(Qwen2Config(vocab_size=V, hidden_size=64, intermediate_size=48, num_hidden_layers=4,
+                                         num_attention_heads=8, num_key_value_heads=4, max_position_embeddings=64,
+                                         use_sliding_window=True, sliding_window=8, max_window_layers=2)).eval()
+    types = list(model.config.layer_types)
+    with torch.no_grad():
+        model.model.layers[1].self_attn.o_proj.weight.zero_()
+        model.model.layers[1].mlp.down_proj.weight.zero_()
+    m = apply_structure(model, _calib(), StructureConfig(heads=0.5, blocks=0.25, bias_compensation=True))
+    assert m["blocks"]["removed"] == [1]
+    assert list(model.config.layer_types) == [types[0], types[2], types[3]]
+    assert any("attention bias compensation skipped" in n for n in m["notes"]) and not m["heads"]["bias_compensation"]
+    a = model.model.layers[0].self_attn
+    assert a.q_proj.bias.shape == (32,) and a.k_proj.bias.shape == (16,)
+    again = _reload_same(model, tmp_path)
+    assert list(again.config.layer_types) == [types[0], types[2], types[3]]
