@@ -425,3 +425,22 @@ def test_concurrent_requests_with_one_idempotency_key_create_one_job(api):  # no
     ids = {r.json()["id"] for r in rs if r.status_code == 201}
     assert len(ids) == 1
     assert len(api.client.get("/v1/pruning-jobs", headers=h).json()["data"]) == 1
+
+
+@pytest.mark.parametrize("extra", [
+    {"schedule": {"kind": "owl"}},
+    {"sparsity": None, "structure": {"mlp_channels": 0.25, "heads": 0.25}},
+    {"method": "sparsegpt", "sparsity": None, "pattern": "2:4", "true_sequential": True},
+    {"exclude": ["lm_head", r"layers\.0\."], "overrides": {r"mlp\.down_proj": 0.3}},
+    {"calibration": {"source": "wikitext2", "nsamples": 8, "seqlen": 64}, "evaluation": {"source": "wikitext2", "max_windows": 4}},
+], ids=["owl", "structure", "sparsegpt-2:4", "exclude-overrides", "named-sets"])
+def test_engine_options_pass_through_to_the_stored_config(api, extra):  # noqa: ANN001
+    _, h = api.tenant()
+    r = api.client.post("/v1/pruning-jobs", json=body(**extra), headers=h)
+    assert r.status_code == 201, r.text
+    req = r.json()["request"]
+    for k, v in extra.items():
+        if isinstance(v, dict) and k in req and isinstance(req[k], dict):
+            assert {kk: req[k][kk] for kk in v} == v
+        else:
+            assert req[k] == v
