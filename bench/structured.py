@@ -33,11 +33,11 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from core.pruning import compact, models, patterns  # noqa: E402
-from core.pruning.config import StructureConfig  # noqa: E402
-from core.pruning.evaluate import perplexity  # noqa: E402
-from core.pruning.structured import apply_structure  # noqa: E402
-from core.pruning.structured.measure import dir_bytes, generation_speed  # noqa: E402
+from core.pruning import compact, models, patterns
+from core.pruning.config import StructureConfig
+from core.pruning.evaluate import perplexity
+from core.pruning.structured import apply_structure
+from core.pruning.structured.measure import dir_bytes, generation_speed
 
 SHARED = ROOT.parent / "shared" / "assets"
 STRUCTURES = {

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Annotated
 
 import typer
 
@@ -9,11 +10,12 @@ from core.pruning.errors import PruningError
 
 
 def unpack(
-    compact_dir: Path = typer.Argument(..., help="compact checkpoint directory (has compact.json)"),
-    out: Path = typer.Argument(..., help="where to write the dense model directory"),
+    compact_dir: Annotated[Path, typer.Argument(help="compact checkpoint directory (has compact.json)")],
+    out: Annotated[Path, typer.Argument(help="where to write the dense model directory")],
 ) -> None:
     """Rebuild the dense safetensors checkpoint that transformers loads (bit-exact)."""
-    from core.pruning.compact import read_meta, unpack as do_unpack
+    from core.pruning.compact import read_meta
+    from core.pruning.compact import unpack as do_unpack
 
     try:
         meta = read_meta(compact_dir)

@@ -174,7 +174,7 @@ def _shards(source: Source, out: Path, aliases: dict[str, str]):
                 shutil.copy2(f, out / f.name)
         for f in files:
             with safe_open(str(f), framework="pt") as h:
-                yield f.name, [(k, h.get_tensor(k)) for k in h.keys()]
+                yield f.name, [(k, h.get_tensor(k)) for k in h.keys()]  # noqa: SIM118 - not a dict
         return
     if isinstance(source, nn.Module):
         for attr in ("config", "generation_config"):

@@ -123,7 +123,7 @@ def owl_scores(model: nn.Module, tokens: torch.Tensor, *, m: float = 5.0, device
                   if models.select([f"{prefix}.{i}.{n}"], list(exclude))}
         with on_device(block, device):
             stats = {n: InputNorms(models.in_features(l), device) for n, l in layers.items()}
-            with hooked(layers, lambda n, x: stats[n].add_batch(x)):
+            with hooked(layers, lambda n, x, st=stats: st[n].add_batch(x)):
                 inputs.hidden = inputs.run(block)
             ws = [models.get_weight(l) for l in layers.values()]
             ratios.append(owl_outlier_ratio(ws, [stats[n].sq for n in layers], m) if ws else 0.0)

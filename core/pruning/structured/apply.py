@@ -101,7 +101,7 @@ def collect(model: nn.Module, tokens: torch.Tensor, p: dict, *, device: torch.de
             on_progress: ProgressFn, should_stop: StopFn) -> tuple[list[float], list[dict[str, ChannelStats]]]:
     """Dense pass, one block on the device at a time: influence of each block, statistics of the inputs of each
     block's MLP output projection and attention output projection."""
-    prefix, blocks = models.find_blocks(model)
+    _, blocks = models.find_blocks(model)
     inputs = capture(model, blocks, tokens, device, batch_size)
     influence, stats = [], []
     watch = {k: p[k]["spec"].out if k == "mlp" else p[k]["spec"].o for k in ("mlp", "attn") if p[k]}

@@ -126,7 +126,7 @@ def edited(config, **changes):
         cfg = type(cfg).from_dict(cfg.to_dict())
         if callable(getattr(cfg, "validate", None)):
             cfg.validate()
-    except Exception as e:  # noqa: BLE001 - transformers raises several types here
+    except Exception as e:
         raise InvalidModelError(f"transformers rejects {changes}: {str(e).strip().splitlines()[-1].strip()}") from e
     return cfg
 

@@ -54,7 +54,7 @@ def test_round_trip_bit_exact_state_dict(tmp_path, dtype):
     assert summary["sparse_tensors"] == 2
     back = compact.unpack_state_dict(tmp_path / "c")
     assert back.keys() == sd.keys()
-    for k in sd:
+    for k in sd:  # noqa: PLC0206
         assert _same_bits(back[k], sd[k]) if sd[k].is_floating_point() else torch.equal(back[k], sd[k]), k
 
 

@@ -5,8 +5,15 @@ import pytest
 import torch
 
 from core.pruning.config import PruneConfig, ScheduleConfig
-from core.pruning.schedules import (ScheduleError, _mean, block_sparsities, block_weights, for_model,
-                                    owl_outlier_ratio, owl_scores)
+from core.pruning.schedules import (
+    ScheduleError,
+    _mean,
+    block_sparsities,
+    block_weights,
+    for_model,
+    owl_outlier_ratio,
+    owl_scores,
+)
 
 
 def test_uniform_and_prune_config_accepted():
@@ -57,7 +64,7 @@ def test_owl_weighted_mean_hits_target(target):
     params = (torch.randint(1, 100, (12,), generator=g) * 1000).tolist()
     s = block_sparsities(ScheduleConfig(kind="owl", owl_lambda=0.1), target, 12, owl_scores=r, block_params=params)
     assert abs(_mean(s, params) - target) < 1e-3 and all(0 <= x <= 0.99 for x in s)
-    assert len(set(round(x, 9) for x in s)) > 1
+    assert len({round(x, 9) for x in s}) > 1
 
 
 def test_outlier_ratio_over_the_whole_block():
