@@ -258,6 +258,8 @@ def load_compact(path: str | Path, model_cls=None, **kwargs):
         arch = (getattr(cfg, "architectures", None) or [None])[0]
         model_cls = getattr(transformers, arch, None) if arch else None
         model_cls = model_cls or transformers.AutoModelForCausalLM
+    if "dtype" not in kwargs and "torch_dtype" not in kwargs:  # the stored dtype, as transformers 5 defaults to
+        kwargs["dtype" if int(transformers.__version__.split(".")[0]) >= 5 else "torch_dtype"] = "auto"
     with tempfile.TemporaryDirectory(prefix="secateurs-unpack-") as tmp:
         unpack(path, tmp)
         model = model_cls.from_pretrained(tmp, **kwargs)

@@ -5,6 +5,7 @@ import json
 
 import pytest
 import torch
+import transformers
 from safetensors.torch import load_file, save_file
 from typer.testing import CliRunner
 
@@ -124,7 +125,8 @@ def test_model_dir_round_trip_loads_in_transformers(tmp_path, dtype, two_four):
 
     loaded = compact.load_compact(tmp_path / "c")
     assert loaded.lm_head.weight.data_ptr() == loaded.model.embed_tokens.weight.data_ptr()  # still tied
-    reference = type(model).from_pretrained(tmp_path / "dense")  # same loader, so same buffers and dtypes
+    auto = {"dtype" if int(transformers.__version__.split(".")[0]) >= 5 else "torch_dtype": "auto"}
+    reference = type(model).from_pretrained(tmp_path / "dense", **auto)  # same loader: same buffers and dtypes
     ids = torch.randint(0, 128, (1, 12))
     with torch.no_grad():
         assert torch.equal(loaded(ids).logits, reference(ids).logits)

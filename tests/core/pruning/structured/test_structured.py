@@ -224,15 +224,15 @@ def test_qwen2_layer_types_and_bias_notes(tmp_path):
     model = Qwen2ForCausalLM(Qwen2Config(vocab_size=V, hidden_size=64, intermediate_size=48, num_hidden_layers=4,
                                          num_attention_heads=8, num_key_value_heads=4, max_position_embeddings=64,
                                          use_sliding_window=True, sliding_window=8, max_window_layers=2)).eval()
-    types = list(model.config.layer_types)
+    types = list(getattr(model.config, "layer_types", None) or [])  # transformers < 4.53 has none
     with torch.no_grad():
         model.model.layers[1].self_attn.o_proj.weight.zero_()
         model.model.layers[1].mlp.down_proj.weight.zero_()
     m = apply_structure(model, _calib(), StructureConfig(heads=0.5, blocks=0.25, bias_compensation=True))
     assert m["blocks"]["removed"] == [1]
-    assert list(model.config.layer_types) == [types[0], types[2], types[3]]
+    assert list(getattr(model.config, "layer_types", None) or []) == [types[i] for i in (0, 2, 3) if types]
     assert any("attention bias compensation skipped" in n for n in m["notes"]) and not m["heads"]["bias_compensation"]
     a = model.model.layers[0].self_attn
     assert a.q_proj.bias.shape == (32,) and a.k_proj.bias.shape == (16,)
     again = _reload_same(model, tmp_path)
-    assert list(again.config.layer_types) == [types[0], types[2], types[3]]
+    assert list(getattr(again.config, "layer_types", None) or []) == [types[i] for i in (0, 2, 3) if types]
