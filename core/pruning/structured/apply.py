@@ -65,7 +65,7 @@ def plan(model: nn.Module, cfg: StructureConfig) -> dict[str, Any]:
             raise InvalidModelError(f"{type(model).__name__}: no head count below {h} can be saved: {why}")
         if k != want:
             p["notes"].append(f"heads: {want} of {kv} key/value groups requested, {k} removed instead ({why})")
-        p["attn"] = {"spec": spec, "layout": (h, kv, hd), "remove": k,
+        p["attn"] = {"spec": spec, "layout": (h, kv, hd), "remove": k, "requested": want,
                      "compensate": cfg.bias_compensation and _bias_ok(model, spec.o, spec.bias_flag, p, "attention")}
         if kv < h:
             p["notes"].append(f"grouped-query attention: removing {k} of {kv} key/value groups, each with its "
@@ -176,7 +176,8 @@ def apply_structure(model: nn.Module, tokens: torch.Tensor, cfg: StructureConfig
             conf.num_key_value_heads = kv - q["remove"]
         conf.head_dim = hd
         m["heads"] = {"heads_before": h, "heads_after": conf.num_attention_heads, "kv_heads_before": kv,
-                      "kv_heads_after": kv - q["remove"], "head_dim": hd, "removed_groups": gone,
+                      "kv_heads_after": kv - q["remove"], "kv_groups_requested": q["requested"],
+                      "kv_groups_removed": q["remove"], "head_dim": hd, "removed_groups": gone,
                       "bias_compensation": q["compensate"]}
     arch.sync_with_reference(model)
     m["uniform_per_block"] = bool(p["mlp"] or p["attn"])

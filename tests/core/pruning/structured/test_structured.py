@@ -113,6 +113,7 @@ def test_heads_rounded_to_what_transformers_accepts():
     m = apply_structure(model, _calib(), StructureConfig(heads=0.25))
     h = m["heads"]["heads_after"]
     assert 64 % h == 0 or int(transformers.__version__.split(".")[0]) < 5
+    assert m["heads"]["kv_groups_requested"] == 1 and m["heads"]["kv_groups_removed"] == (4 - h // 2)
     if h != 6:
         assert any("requested" in n for n in m["notes"])
 
