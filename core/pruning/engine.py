@@ -7,6 +7,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+import logging
 from typing import Any
 
 import torch
@@ -15,8 +16,11 @@ from torch import nn
 from core.pruning import models
 from core.pruning.errors import Cancelled, InvalidModelError
 from core.pruning.masks import pack_mask
-from core.pruning.methods import Method, Target
+from core.pruning.methods import Method, Stats, Target
 from core.pruning.progress import Progress, ProgressFn, StopFn, never_stop, no_progress
+
+
+log = logging.getLogger(__name__)
 
 
 class _Captured(Exception):
@@ -42,18 +46,21 @@ def _first(out: Any) -> torch.Tensor:
 
 @dataclass
 class BlockInputs:
-    """Hidden states per batch, plus the extra args/kwargs the model passes to every block.
+    """Hidden states per batch, plus the extra args/kwargs the model passes to each block.
 
-    Windows have one length and no padding, so masks, position ids and rotary embeddings are the same for
-    every batch of a given size: they are captured once per batch size instead of once per batch."""
+    Windows have one length and no padding, so a block's masks, position ids and rotary embeddings are the
+    same for every batch of a given size: they are recorded once per (block, batch size). They are recorded
+    per block because models that mix attention types (sliding/global) pass each block its own mask."""
 
     hidden: list[torch.Tensor]
-    extra: dict[int, tuple[tuple, dict]] = field(default_factory=dict)
+    extra: dict[tuple[int, int], tuple[tuple, dict]] = field(default_factory=dict)
+    index_of: dict[int, int] = field(default_factory=dict)  # id(block) -> its position when captured
 
     def run(self, block: nn.Module, keep: bool = True) -> list[torch.Tensor]:
+        i = self.index_of[id(block)]
         outs = []
         for h in self.hidden:
-            args, kwargs = self.extra[h.shape[0]]
+            args, kwargs = self.extra[(i, h.shape[0])]
             o = _first(block(h, *args, **kwargs))
             if keep:
                 outs.append(o)
@@ -64,35 +71,69 @@ class BlockInputs:
         return sum(h.numel() * h.element_size() for h in self.hidden)
 
 
+def _split_hidden(args: tuple, kwargs: dict) -> tuple[torch.Tensor, tuple, dict]:
+    h = args[0] if args else kwargs["hidden_states"]
+    kw = {k: v for k, v in kwargs.items() if k not in ("hidden_states", "output_attentions")}
+    return h, args[1:], kw
+
+
 def capture(model: nn.Module, blocks: nn.ModuleList, tokens: torch.Tensor, device: torch.device,
             batch_size: int) -> BlockInputs:
-    """Run the model up to its first block for every batch of calibration windows and keep what enters it."""
+    """Run the model up to its first block for every batch of calibration windows and keep what enters it;
+    then record the arguments each block receives, running the model once per batch size with every block
+    replaced by a cheap recorder (so no block needs to be on the device)."""
     models.move_outside_blocks(model, blocks, device)
     hidden: list[torch.Tensor] = []
-    extra: dict[int, tuple[tuple, dict]] = {}
+    first: dict[int, tuple[tuple, dict]] = {}
 
     def grab(_mod: nn.Module, args: tuple, kwargs: dict) -> None:
-        h = args[0] if args else kwargs.pop("hidden_states")
+        h, a, kw = _split_hidden(args, kwargs)
         hidden.append(h.detach())
-        if h.shape[0] not in extra:
-            kw = {k: v for k, v in kwargs.items() if k not in ("output_attentions",)}
-            extra[h.shape[0]] = (_to(args[1:], device), _to(kw, device))
+        first.setdefault(h.shape[0], (_to(a, device), _to(kw, device)))
         raise _Captured
 
-    hook = blocks[0].register_forward_pre_hook(grab, with_kwargs=True)
+    def forward(batch: torch.Tensor) -> None:
+        try:
+            model(input_ids=batch.to(device), use_cache=False)
+        except _Captured:
+            return
+        raise InvalidModelError("the model's forward never reached its first block")
+
+    extra: dict[tuple[int, int], tuple[tuple, dict]] = {}
     try:
         with torch.no_grad():
-            for batch in tokens.split(batch_size):
-                try:
-                    model(input_ids=batch.to(device), use_cache=False)
-                except _Captured:
-                    pass
-                else:
-                    raise InvalidModelError("the model's forward never reached its first block")
+            hook = blocks[0].register_forward_pre_hook(grab, with_kwargs=True)
+            try:
+                batches = tokens.split(batch_size)
+                for batch in batches:
+                    forward(batch)
+            finally:
+                hook.remove()
+            # does a block return a tensor (transformers 5) or a tuple (4.x)? Ask block 0 once.
+            b0 = hidden[0].shape[0]
+            with on_device(blocks[0], device):
+                as_tuple = isinstance(blocks[0](hidden[0], *first[b0][0], **first[b0][1]), tuple)
+
+            def recorder(i: int):
+                def fwd(*args: Any, **kwargs: Any) -> Any:
+                    h, a, kw = _split_hidden(args, kwargs)
+                    extra[(i, h.shape[0])] = (_to(a, device), _to(kw, device))
+                    if i == len(blocks) - 1:
+                        raise _Captured  # nothing after the last block is needed
+                    return (h,) if as_tuple else h
+                return fwd
+
+            for i, blk in enumerate(blocks):
+                blk.forward = recorder(i)
+            try:
+                for size in sorted({h.shape[0] for h in hidden}):
+                    forward(next(b for b in batches if b.shape[0] == size))
+            finally:
+                for blk in blocks:
+                    del blk.forward
     finally:
-        hook.remove()
         models.move_outside_blocks(model, blocks, torch.device("cpu"))
-    return BlockInputs(hidden, extra)
+    return BlockInputs(hidden, extra, {id(b): i for i, b in enumerate(blocks)})
 
 
 @contextmanager
@@ -131,7 +172,7 @@ def sequential_groups(block: nn.Module, layers: dict[str, nn.Module], inputs: Bl
         if not any(name in names for _, names in seen):
             seen.append((x, [name]))  # keeps x alive, so its memory is not reused by a later input
 
-    one = BlockInputs(inputs.hidden[:1], inputs.extra)
+    one = BlockInputs(inputs.hidden[:1], inputs.extra, inputs.index_of)
     with torch.no_grad(), hooked(layers, record):
         one.run(block, keep=False)
     groups = [names for _, names in seen]
@@ -154,6 +195,35 @@ class EngineResult:
     layers: list[LayerReport]
     masks: dict[str, torch.Tensor]  # parameter name -> packed keep-bits in the weight's storage layout
     mask_shapes: dict[str, list[int]]
+    skipped: list[str] = field(default_factory=list)  # layers whose forward never ran on calibration data
+
+
+class SharedStats:
+    """Statistics of a group of layers; layers that read the very same input tensor (q/k/v, gate/up) share
+    one statistic (one Hessian instead of three). Sharing is decided on the first batch, while the inputs
+    seen are kept alive so that no later tensor can reuse their memory address."""
+
+    def __init__(self, method: Method, layers: dict[str, nn.Module], device: torch.device):
+        self.method, self.layers, self.device = method, layers, device
+        self.owner: dict[str, str] = {}
+        self.stats: dict[str, Stats] = {}
+        self._seen: list[tuple[torch.Tensor, str]] = []
+
+    def add(self, name: str, x: torch.Tensor) -> None:
+        if name not in self.owner:
+            src = next((n for t, n in self._seen if t.data_ptr() == x.data_ptr() and t.shape == x.shape
+                        and t.stride() == x.stride()), None)
+            self.owner[name] = src or name
+            if src is None:
+                self.stats[name] = self.method.stats(models.in_features(self.layers[name]), self.device)
+                self._seen.append((x, name))
+            if len(self.owner) == len(self.layers):
+                self._seen.clear()
+        if self.owner[name] == name:
+            self.stats[name].add_batch(x)
+
+    def per_layer(self) -> dict[str, Stats | None]:
+        return {n: self.stats[self.owner[n]] if n in self.owner else None for n in self.layers}
 
 
 def prune_blocks(model: nn.Module, tokens: torch.Tensor, method: Method, *, device: torch.device,
@@ -168,6 +238,7 @@ def prune_blocks(model: nn.Module, tokens: torch.Tensor, method: Method, *, devi
     reports: list[LayerReport] = []
     masks: dict[str, torch.Tensor] = {}
     shapes: dict[str, list[int]] = {}
+    skipped: list[str] = []
     for i, block in enumerate(blocks):
         if should_stop():
             raise Cancelled(f"stopped before block {i}")
@@ -186,17 +257,23 @@ def prune_blocks(model: nn.Module, tokens: torch.Tensor, method: Method, *, devi
             collects = method.needs_inputs and bool(groups[0])
             dense_out = inputs.run(block) if propagate == "dense" and not collects else None
             for g, group in enumerate(groups):
-                stats = {n: method.stats(models.in_features(layers[n]), device) for n in group}
+                stats: dict[str, Stats | None] = {n: None for n in group}
                 if method.needs_inputs and group:
                     keep = propagate == "dense" and g == 0  # the first pass sees the dense block
-                    with hooked({n: layers[n] for n in group}, lambda n, x: stats[n].add_batch(x)):
+                    collector = SharedStats(method, {n: layers[n] for n in group}, device)
+                    with hooked({n: layers[n] for n in group}, collector.add):
                         outs = inputs.run(block, keep=keep)
                     dense_out = outs if keep else dense_out
+                    stats = collector.per_layer()
                 for n in group:
+                    if method.needs_inputs and stats[n] is None:
+                        log.warning("%s.%d.%s received no calibration input; left unpruned", prefix, i, n)
+                        skipped.append(f"{prefix}.{i}.{n}")
+                        continue
                     layer = layers[n]
                     w = models.get_weight(layer).to(device, torch.float32, copy=True,
                                                     memory_format=torch.contiguous_format)
-                    res = method.prune(w, stats.pop(n), targets[n])
+                    res = method.prune(w, stats[n], targets[n])
                     models.set_weight(layer, res.weight)
                     del w
                     full = f"{prefix}.{i}.{n}.weight"
@@ -211,5 +288,5 @@ def prune_blocks(model: nn.Module, tokens: torch.Tensor, method: Method, *, devi
             inputs.hidden = dense_out if propagate == "dense" else inputs.run(block)
         on_progress(Progress("prune", f"block {i + 1}/{len(blocks)}", block=i, total_blocks=len(blocks),
                              data={"layers": {r.name: r.sparsity for r in reports if r.name.startswith(f"{prefix}.{i}.")}}))
-    return EngineResult(reports, masks, shapes)
+    return EngineResult(reports, masks, shapes, skipped)
 

@@ -92,9 +92,17 @@ def _first_line(e: BaseException) -> str:
 # ---------------------------------------------------------------------------------------------- blocks
 
 def find_blocks(model: nn.Module) -> tuple[str, nn.ModuleList]:
-    """The longest ModuleList of same-class modules that contain linears: the model's repeated blocks."""
+    """The longest ModuleList of same-class modules that contain linears: the model's repeated blocks.
+    Where the model names its text decoder (vision-language models), only lists inside it count."""
+    try:
+        decoder = model.get_decoder() if hasattr(model, "get_decoder") else None
+    except (AttributeError, NotImplementedError, TypeError):
+        decoder = None
+    inside = {id(m) for m in decoder.modules()} if isinstance(decoder, nn.Module) else None
     best: tuple[str, nn.ModuleList] | None = None
     for name, mod in model.named_modules():
+        if inside is not None and id(mod) not in inside:
+            continue
         if not isinstance(mod, nn.ModuleList) or len(mod) == 0:
             continue
         if len({type(b) for b in mod}) != 1 or not any(is_prunable(m) for m in mod[0].modules()):
@@ -110,8 +118,11 @@ def is_prunable(m: nn.Module) -> bool:
     return isinstance(m, nn.Linear) or (bool(Conv1D) and isinstance(m, Conv1D))
 
 
+ROUTER = re.compile(r"(^|\.)(gate|router|shared_expert_gate)$")  # MoE routers: tiny, and pruning them breaks routing
+
+
 def prunable_layers(block: nn.Module) -> dict[str, nn.Module]:
-    return {n: m for n, m in block.named_modules() if is_prunable(m)}
+    return {n: m for n, m in block.named_modules() if is_prunable(m) and not ROUTER.search(n)}
 
 
 def get_weight(layer: nn.Module) -> torch.Tensor:

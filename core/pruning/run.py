@@ -2,6 +2,7 @@
 (evaluate) → export. The single entry point the CLI and the worker call."""
 from __future__ import annotations
 
+import logging
 import math
 import platform
 import resource
@@ -20,6 +21,7 @@ from core.pruning.config import PruneConfig
 from core.pruning.export import FileEntry
 from core.pruning.progress import Progress, ProgressFn, StopFn, never_stop, no_progress
 
+log = logging.getLogger(__name__)
 TOKENS_PER_BATCH = 4096  # calibration windows run through a block together (same results, fewer calls)
 
 
@@ -96,7 +98,7 @@ def prune(config: PruneConfig, out_dir: Path | str, on_progress: ProgressFn = no
         _, blocks = models.find_blocks(model)
 
     layers: list[engine.LayerReport] = []
-    masks, shapes, block_sparsity = {}, {}, None
+    masks, shapes, block_sparsity, skipped = {}, {}, None, []
     if config.sparsity is not None or config.nm is not None:
         with clock.stage("schedule"):
             block_sparsity = _block_sparsity(config, model, cal.tokens, device, batch)
@@ -105,7 +107,7 @@ def prune(config: PruneConfig, out_dir: Path | str, on_progress: ProgressFn = no
                 model, cal.tokens, method, device=device, block_sparsity=block_sparsity, nm=config.nm,
                 exclude=config.exclude, overrides=config.overrides, true_sequential=config.true_sequential,
                 propagate=config.propagate, batch_size=batch, on_progress=on_progress, should_stop=should_stop)
-        layers, masks, shapes = res.layers, res.masks, res.mask_shapes
+        layers, masks, shapes, skipped = res.layers, res.masks, res.mask_shapes, res.skipped
 
     if ppl is not None:
         with clock.stage("evaluate"):
@@ -114,6 +116,10 @@ def prune(config: PruneConfig, out_dir: Path | str, on_progress: ProgressFn = no
 
     pruned_numel = sum(math.prod(r.shape) for r in layers)
     zeros = sum(r.sparsity * math.prod(r.shape) for r in layers)
+    block_params = sum(p.numel() for p in blocks.parameters())
+    if layers and pruned_numel < 0.5 * block_params:  # e.g. MoE experts stored as fused 3-D parameters
+        log.warning("only %.0f%% of the blocks' parameters are in prunable linear layers",
+                    100 * pruned_numel / block_params)
     metrics: dict[str, Any] = {
         "format": "secateurs.metrics/1",
         "method": config.method,
@@ -125,6 +131,8 @@ def prune(config: PruneConfig, out_dir: Path | str, on_progress: ProgressFn = no
         "device": str(device),
         "achieved_sparsity": zeros / pruned_numel if pruned_numel else 0.0,
         "pruned_weights": pruned_numel,
+        "prunable_share_of_block_params": pruned_numel / block_params if block_params else 0.0,
+        "skipped_layers": skipped,
         "block_sparsity": block_sparsity,
         "layers": [{"name": r.name, "shape": list(r.shape), "target": r.target, "pattern": r.pattern,
                     "sparsity": r.sparsity, **r.info} for r in layers],

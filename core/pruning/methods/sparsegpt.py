@@ -14,37 +14,56 @@ MAX_DAMP_RETRIES = 6  # damping ×10 each time: 0.01 → 1e4 · mean(diag H)
 
 
 class Hessian(Stats):
-    """H ← H·n/(n+b) + (2/(n+b))·XᵀX, X = tokens × in_features, accumulated in float32."""
+    """H ← H·n/(n+b) + (2/(n+b))·XᵀX, X = tokens × in_features, accumulated in float32. Layers that read the
+    same input (q/k/v, gate/up) share one Hessian and one factorisation."""
 
     def __init__(self, in_features: int, device: torch.device):
-        self.H = torch.zeros(in_features, in_features, dtype=torch.float32, device=device)
+        self.H: torch.Tensor | None = torch.zeros(in_features, in_features, dtype=torch.float32, device=device)
         self.n = 0
+        self._factor: tuple[torch.Tensor, torch.Tensor, float, int] | None = None
 
     def add_batch(self, x: torch.Tensor) -> None:
+        assert self.H is not None, "statistics already consumed"
         b = x.shape[0] if x.dim() > 2 else 1
         x = tokens_first(x)
         self.H.mul_(self.n / (self.n + b))
         self.n += b
-        x = x * (2 / self.n) ** 0.5  # not in place: x may be a view of the layer's real input
-        self.H.addmm_(x.t(), x)
+        self.H.addmm_(x.t(), x, alpha=2 / self.n)
+
+    def factor(self, percdamp: float) -> tuple[torch.Tensor, torch.Tensor, float, int]:
+        """(U, dead inputs, damping used, retries), computed once; H is consumed to save memory."""
+        if self._factor is None:
+            H, self.H = self.H, None
+            dead = torch.diag(H) == 0  # inputs never active: H_jj = 1 (and W_:j = 0 in prune)
+            H[dead, dead] = 1
+            self._factor = inverse_hessian_cholesky(H, percdamp, dead)
+        return self._factor
 
 
-def inverse_hessian_cholesky(H: torch.Tensor, percdamp: float) -> tuple[torch.Tensor, float, int]:
-    """U = upper Cholesky factor of (H + λI)⁻¹, λ = percdamp·mean(diag H); retry with 10× damping."""
-    diag = torch.arange(H.shape[0], device=H.device)
+def inverse_hessian_cholesky(H: torch.Tensor, percdamp: float,
+                             dead: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, float, int]:
+    """U = upper Cholesky factor of (H + λI)⁻¹, λ = percdamp·mean(diag H); retry with 10× damping.
+    H is modified in place."""
+    idx = torch.arange(H.shape[0], device=H.device)
     mean = torch.mean(torch.diag(H)).item()
+    added = 0.0
+    dead = torch.zeros(H.shape[0], dtype=torch.bool, device=H.device) if dead is None else dead
     for attempt in range(MAX_DAMP_RETRIES + 1):
         damp = percdamp * 10**attempt
-        Hd = H.clone()
-        Hd[diag, diag] += damp * mean
-        L, info = torch.linalg.cholesky_ex(Hd)
+        H[idx, idx] += damp * mean - added
+        added = damp * mean
+        L, info = torch.linalg.cholesky_ex(H)
         if info == 0:
-            Hinv = torch.cholesky_inverse(L)
+            # (H + λI)⁻¹ from its Cholesky factor; cholesky_inverse is slow on CPU, a triangular solve is not
+            eye = None if L.is_cuda else torch.eye(H.shape[0], device=H.device)
+            Hinv = torch.cholesky_inverse(L) if eye is None else torch.cholesky_solve(eye, L)
+            del L, eye
             U, info = torch.linalg.cholesky_ex(Hinv, upper=True)
+            del Hinv
             if info == 0 and torch.isfinite(U).all():
                 if attempt:
                     log.warning("SparseGPT: Cholesky failed at damping %.3g; succeeded with %.3g", percdamp, damp)
-                return U, damp, attempt
+                return U, dead, damp, attempt
     raise NumericalError(f"Cholesky of the damped Hessian failed even at damping {damp:g}·mean(diag H)")
 
 
@@ -56,14 +75,10 @@ class SparseGPT(Method):
 
     def prune(self, w: torch.Tensor, stats: Stats | None, target: Target) -> Pruned:
         assert isinstance(stats, Hessian)
-        H = stats.H
+        U, dead, damp, retries = stats.factor(self.config.percdamp)
         W = w.clone()
         rows, cols = W.shape
-        dead = torch.diag(H) == 0  # inputs never active: H_jj = 1, W_:j = 0
-        H = H.clone()
-        H[dead, dead] = 1
         W[:, dead] = 0
-        U, damp, retries = inverse_hessian_cholesky(H, self.config.percdamp)
 
         nm = target.nm
         bs = self.config.blocksize
@@ -93,7 +108,7 @@ class SparseGPT(Method):
                 q = w_col.masked_fill(M1[:, i], 0)
                 Q1[:, i] = q
                 err = (w_col - q) / d[i]  # OBS: δ = −(w_p / [H⁻¹]_pp)·[H⁻¹]_p,:
-                W1[:, i:] -= err.unsqueeze(1) @ U1[i, i:].unsqueeze(0)
+                W1[:, i:].addr_(err, U1[i, i:], alpha=-1)
                 Err1[:, i] = err
             W[:, i1:i2] = Q1
             mask[:, i1:i2] = M1

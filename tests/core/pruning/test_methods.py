@@ -114,7 +114,7 @@ def test_cholesky_retries_with_more_damping_and_reports_it():
     eig = torch.ones(16)
     eig[0] = -0.05  # indefinite: 1% damping is not enough, 10% is
     H = q @ torch.diag(eig) @ q.t()
-    U, damp, retries = inverse_hessian_cholesky(H, 0.01)
+    U, _, damp, retries = inverse_hessian_cholesky(H, 0.01)
     assert retries >= 1 and damp > 0.01
     assert torch.isfinite(U).all()
 
