@@ -7,6 +7,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+import inspect
 import logging
 from typing import Any
 
@@ -71,6 +72,12 @@ class BlockInputs:
         return sum(h.numel() * h.element_size() for h in self.hidden)
 
 
+def _accepts(fn: Any, name: str) -> bool:
+    """Whether fn takes keyword `name` (older encoders' forward has no use_cache and no **kwargs)."""
+    params = inspect.signature(fn).parameters.values()
+    return any(p.name == name or p.kind is p.VAR_KEYWORD for p in params)
+
+
 def _split_hidden(args: tuple, kwargs: dict) -> tuple[torch.Tensor, tuple, dict]:
     h = args[0] if args else kwargs["hidden_states"]
     kw = {k: v for k, v in kwargs.items() if k not in ("hidden_states", "output_attentions")}
@@ -92,9 +99,11 @@ def capture(model: nn.Module, blocks: nn.ModuleList, tokens: torch.Tensor, devic
         first.setdefault(h.shape[0], (_to(a, device), _to(kw, device)))
         raise _Captured
 
+    no_cache = {"use_cache": False} if _accepts(model.forward, "use_cache") else {}
+
     def forward(batch: torch.Tensor) -> None:
         try:
-            model(input_ids=batch.to(device), use_cache=False)
+            model(input_ids=batch.to(device), **no_cache)
         except _Captured:
             return
         raise InvalidModelError("the model's forward never reached its first block")
