@@ -311,3 +311,33 @@ def test_model_from_an_s3_uri(stack: Stack):
         missing = c.post("/v1/pruning-jobs", json={**body, "model": f"s3://{BUCKET}/models/nothing-here/"}).json()
         job = wait_for(c, missing["id"], terminal, st=stack)
         assert job["status"] == "failed" and job["error"]["code"] == "model_not_found", job
+
+
+def test_structured_job_with_owl_schedule_gives_a_smaller_model(stack: Stack, tmp_path: Path):
+    """The `structure` and `schedule` blocks of a job body reach the engine: the model that comes back is
+    physically smaller and unstructured sparsity was spread by OWL."""
+    import json
+
+    from transformers import AutoModelForCausalLM
+
+    with stack.client() as c:
+        body = {"model": str(stack.models / "stories260k"), "method": "wanda", "sparsity": 0.5,  # type: ignore[attr-defined]
+                "schedule": {"kind": "owl"}, "structure": {"mlp_channels": 0.25, "blocks": 0.2},
+                "calibration": {"texts": _texts(stack), "nsamples": 8, "seqlen": 64}}
+        r = c.post("/v1/pruning-jobs", json=body)
+        assert r.status_code == 201, r.text
+        job = wait_for(c, r.json()["id"], terminal, st=stack)
+        assert job["status"] == "succeeded", job
+        arts = {a["name"]: a for a in c.get(f"/v1/pruning-jobs/{job['id']}/artifacts").json()["data"]}
+        out = tmp_path / "dl"
+        for name in ("config.json", "model.safetensors", "metrics.json"):
+            data = httpx.get(c.get(arts[name]["url"]).headers["location"], timeout=30).content
+            assert hashlib.sha256(data).hexdigest() == arts[name]["sha256"]
+            (out / name).parent.mkdir(parents=True, exist_ok=True)
+            (out / name).write_bytes(data)
+    metrics = json.loads((out / "metrics.json").read_text())
+    model = AutoModelForCausalLM.from_pretrained(out)
+    assert model.config.num_hidden_layers == 4 and model.config.intermediate_size == 129
+    assert metrics["model"]["params_after"] < metrics["model"]["params_before"] == 260_032
+    assert len(set(metrics["block_sparsity"])) > 1  # OWL: not uniform
+    assert abs(metrics["achieved_sparsity"] - 0.5) < 0.02
