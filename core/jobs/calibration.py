@@ -3,7 +3,6 @@ or .jsonl (one object per line with a string ``text`` field, or a JSON string pe
 from __future__ import annotations
 
 import hashlib
-import json
 import tempfile
 from pathlib import Path
 from typing import BinaryIO
@@ -14,6 +13,7 @@ from core.db.ids import new_id
 from core.db.models import CalibrationSet
 from core.db.repositories import CalibrationSetRepository
 from core.errors import InvalidInput, NotFound, TooLarge
+from core.pruning.texts import parse_documents
 from core.storage import Storage
 
 FORMATS = {".txt": "txt", ".jsonl": "jsonl"}
@@ -25,29 +25,14 @@ def _bad(msg: str) -> InvalidInput:
 
 def _count_records(path: Path, fmt: str) -> int:
     try:
-        text = path.read_text("utf-8")
+        docs = parse_documents(path.read_text("utf-8"), jsonl=fmt == "jsonl")
     except UnicodeDecodeError:
         raise _bad("must be UTF-8 text") from None
-    if fmt == "txt":
-        if not text.strip():
-            raise _bad("is empty")
-        return max(1, sum(1 for para in text.split("\n\n") if para.strip()))
-    n = 0
-    for i, line in enumerate(text.splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            obj = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise _bad(f"line {i} is not JSON: {e.msg}") from None
-        t = obj.get("text") if isinstance(obj, dict) else obj
-        if not isinstance(t, str):
-            raise _bad(f"line {i} needs a string 'text' field")
-        if t.strip():
-            n += 1
-    if n == 0:
-        raise _bad("has no non-empty texts")
-    return n
+    except ValueError as e:
+        raise _bad(str(e)) from None
+    if fmt == "txt":  # paragraphs, for the record count shown to users
+        return max(1, sum(1 for para in docs[0].split("\n\n") if para.strip()))
+    return sum(1 for t in docs if t.strip())
 
 
 class CalibrationSetService:

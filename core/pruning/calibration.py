@@ -1,7 +1,6 @@
 """Calibration windows: `nsamples` fixed-length token windows (no padding) drawn with a seeded generator."""
 from __future__ import annotations
 
-import json
 import os
 import socket
 from dataclasses import dataclass
@@ -13,6 +12,7 @@ import torch
 
 from core.pruning.config import NAMED_SETS, CalibrationConfig
 from core.pruning.errors import CalibrationError
+from core.pruning.texts import parse_documents
 
 TOKEN_FILES = (".pt", ".npy")
 
@@ -62,31 +62,13 @@ def build(cfg: CalibrationConfig, tokenizer: Any, max_positions: int | None) -> 
 
 
 def read_texts(path: Path) -> list[str]:
-    """A .jsonl file gives one document per line (a string, or an object with a "text" field); any other
-    file is one document."""
+    """Documents of a .jsonl file (one per line) or of any other text file (the whole file)."""
     try:
-        raw = path.read_text(encoding="utf-8")
+        return parse_documents(path.read_text(encoding="utf-8"), jsonl=path.suffix == ".jsonl")
     except UnicodeDecodeError as e:
         raise CalibrationError(f"{path.name} is not UTF-8 text: {e}") from e
-    if path.suffix != ".jsonl":
-        if not raw.strip():
-            raise CalibrationError(f"{path.name} is empty")
-        return [raw]
-    texts = []
-    for ln, line in enumerate(raw.splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            obj = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise CalibrationError(f"{path.name} line {ln}: not JSON ({e.msg})") from e
-        text = obj if isinstance(obj, str) else obj.get("text") if isinstance(obj, dict) else None
-        if not isinstance(text, str):
-            raise CalibrationError(f'{path.name} line {ln}: expected a string or an object with a "text" string')
-        texts.append(text)
-    if not any(t.strip() for t in texts):
-        raise CalibrationError(f"{path.name} has no text")
-    return texts
+    except ValueError as e:
+        raise CalibrationError(f"{path.name} {e}") from e
 
 
 def _load_token_ids(path: Path) -> torch.Tensor:

@@ -3,7 +3,6 @@ metrics.json and manifest.json (every file with size and sha256). Nothing appear
 everything is written."""
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
@@ -16,6 +15,8 @@ from typing import Any
 import torch
 from safetensors.torch import save_file
 from torch import nn
+
+from core.hashing import sha256_file
 
 MANIFEST = "manifest.json"
 METRICS = "metrics.json"
@@ -33,14 +34,6 @@ class FileEntry:
 def check_out_dir(out_dir: Path) -> None:
     if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())):
         raise FileExistsError(f"output directory {out_dir} exists and is not empty")
-
-
-def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while b := f.read(chunk):
-            h.update(b)
-    return h.hexdigest()
 
 
 def kind_of(name: str) -> str:

@@ -1,7 +1,6 @@
 """Artifact storage behind one small interface: a local directory or an S3-compatible bucket."""
 from __future__ import annotations
 
-import hashlib
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
@@ -22,14 +21,6 @@ class ObjectInfo:
 
 class StorageError(Exception):
     pass
-
-
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(CHUNK):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def check_key(key: str) -> str:

@@ -13,7 +13,8 @@ import boto3
 from botocore.config import Config
 from botocore.exceptions import BotoCoreError, ClientError
 
-from core.storage import ObjectInfo, Storage, StorageError, check_key, sha256_file
+from core.hashing import sha256_file
+from core.storage import ObjectInfo, Storage, StorageError, check_key
 
 if TYPE_CHECKING:
     from core.settings import Settings
