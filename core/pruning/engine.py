@@ -7,6 +7,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+import ctypes
 import inspect
 import logging
 from typing import Any
@@ -70,6 +71,14 @@ class BlockInputs:
     @property
     def nbytes(self) -> int:
         return sum(h.numel() * h.element_size() for h in self.hidden)
+
+
+def _release_freed_memory() -> None:
+    """glibc keeps freed activation buffers in its arenas, so RSS grows block after block; hand them back."""
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc (macOS, musl): nothing to do
+        pass
 
 
 def _accepts(fn: Any, name: str) -> bool:
@@ -294,7 +303,11 @@ def prune_blocks(model: nn.Module, tokens: torch.Tensor, method: Method, *, devi
                         target=t.sparsity, pattern=f"{t.nm[0]}:{t.nm[1]}" if t.nm else None,
                         sparsity=float((models.get_weight(layer) == 0).sum()) / res.weight.numel(),
                         info=res.info))
-            inputs.hidden = dense_out if propagate == "dense" else inputs.run(block)
+            if i == len(blocks) - 1:
+                inputs.hidden = []  # nothing reads the last block's outputs
+            else:
+                inputs.hidden = dense_out if propagate == "dense" else inputs.run(block)
+        _release_freed_memory()
         on_progress(Progress("prune", f"block {i + 1}/{len(blocks)}", block=i, total_blocks=len(blocks),
                              data={"layers": {r.name: r.sparsity for r in reports if r.name.startswith(f"{prefix}.{i}.")}}))
     return EngineResult(reports, masks, shapes, skipped)

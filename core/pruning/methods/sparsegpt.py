@@ -96,8 +96,8 @@ class SparseGPT(Method):
             if nm is None:  # adaptive mask: the lowest W²/[U]_jj² over the whole block (all rows)
                 score = W1.pow(2) / d.pow(2).unsqueeze(0)
                 k = int(score.numel() * target.sparsity)
-                if k:
-                    M1.view(-1)[torch.topk(score.flatten(), k, largest=False).indices] = True
+                if k:  # a k-th value threshold, as the reference; cheaper than a top-k of half the block
+                    M1 = score <= score.flatten().kthvalue(k).values
             for i in range(i2 - i1):
                 if nm is not None and i % nm[1] == 0:  # choose this group with the already-updated weights
                     g = W1[:, i : i + nm[1]].pow(2) / d[i : i + nm[1]].pow(2).unsqueeze(0)
