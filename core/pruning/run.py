@@ -22,7 +22,7 @@ from core.pruning.export import FileEntry
 from core.pruning.progress import Progress, ProgressFn, StopFn, never_stop, no_progress
 
 log = logging.getLogger(__name__)
-TOKENS_PER_BATCH = 4096  # calibration windows run through a block together (same results, fewer calls)
+TOKENS_PER_BATCH = 512  # windows run through a block together: fewer calls, but a forward pass's temporaries grow with it
 
 
 @dataclass
