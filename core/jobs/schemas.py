@@ -19,29 +19,33 @@ _PruneFields = create_model("_PruneFields", __config__=ConfigDict(extra="forbid"
 CAL_ID = re.compile(r"^cal_[0-9a-f]{26}$")
 
 
-class CalibrationIn(BaseModel):
+class _TextSourceIn(BaseModel):
+    """A named set or an uploaded text set (calibration and evaluation alike)."""
+
     model_config = ConfigDict(extra="forbid")
 
-    source: str | None = Field(None, description=f"named set: {', '.join(NAMED_SETS)}", examples=["c4"])
-    calibration_set_id: str | None = Field(None, description="id of an uploaded calibration set (cal_...)")
-    texts: list[str] | None = Field(None, max_length=10_000, description="inline texts")
-    nsamples: int = Field(128, ge=1, le=100_000)
-    seqlen: int = Field(2048, ge=2, le=1_048_576)
-    seed: int = 0
-
-    @field_validator("source")
+    @field_validator("source", check_fields=False)
     @classmethod
     def _named(cls, v: str | None) -> str | None:
         if v is not None and v not in NAMED_SETS:
             raise ValueError(f"must be one of {', '.join(NAMED_SETS)} (upload files as calibration sets)")
         return v
 
-    @field_validator("calibration_set_id")
+    @field_validator("calibration_set_id", check_fields=False)
     @classmethod
     def _cal_id(cls, v: str | None) -> str | None:
         if v is not None and not CAL_ID.match(v):
             raise ValueError("not a calibration set id")
         return v
+
+
+class CalibrationIn(_TextSourceIn):
+    source: str | None = Field(None, description=f"named set: {', '.join(NAMED_SETS)}", examples=["c4"])
+    calibration_set_id: str | None = Field(None, description="id of an uploaded calibration set (cal_...)")
+    texts: list[str] | None = Field(None, max_length=10_000, description="inline texts")
+    nsamples: int = Field(128, ge=1, le=100_000)
+    seqlen: int = Field(2048, ge=2, le=1_048_576)
+    seed: int = 0
 
     @model_validator(mode="after")
     def _one_source(self) -> CalibrationIn:
@@ -51,28 +55,12 @@ class CalibrationIn(BaseModel):
         return self
 
 
-class EvaluationIn(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
+class EvaluationIn(_TextSourceIn):
     source: str | None = Field(None, description=f"named set: {', '.join(NAMED_SETS)}")
     calibration_set_id: str | None = Field(None, description="evaluate on an uploaded text set instead")
     seqlen: int | None = Field(None, ge=2)
     max_windows: int | None = Field(None, ge=1)
     batch_size: int = Field(8, ge=1, le=1024)
-
-    @field_validator("source")
-    @classmethod
-    def _named(cls, v: str | None) -> str | None:
-        if v is not None and v not in NAMED_SETS:
-            raise ValueError(f"must be one of {', '.join(NAMED_SETS)}")
-        return v
-
-    @field_validator("calibration_set_id")
-    @classmethod
-    def _cal_id(cls, v: str | None) -> str | None:
-        if v is not None and not CAL_ID.match(v):
-            raise ValueError("not a calibration set id")
-        return v
 
     @model_validator(mode="after")
     def _one(self) -> EvaluationIn:
