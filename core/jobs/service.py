@@ -90,10 +90,8 @@ class JobService:
         classify_model(body.model, self.settings.model_roots)
         data = body.model_dump(exclude={"metadata", "calibration", "evaluation"})
         cal = body.calibration
-        if cal.calibration_set_id is not None and self.cals.get(cal.calibration_set_id) is None:
-            raise InvalidInput.field(["calibration", "calibration_set_id"], "no such calibration set")
         data["calibration"] = {
-            "source": cal.source or ("uploaded:" + cal.calibration_set_id if cal.calibration_set_id else "c4"),
+            "source": self._text_source(cal, "calibration", default="c4"),
             "texts": cal.texts,
             "nsamples": cal.nsamples,
             "seqlen": cal.seqlen,
@@ -101,10 +99,8 @@ class JobService:
         }
         ev = body.evaluation
         if ev is not None:
-            if ev.calibration_set_id is not None and self.cals.get(ev.calibration_set_id) is None:
-                raise InvalidInput.field(["evaluation", "calibration_set_id"], "no such calibration set")
             data["evaluation"] = {
-                "source": ev.source or ("uploaded:" + ev.calibration_set_id if ev.calibration_set_id else "wikitext2"),
+                "source": self._text_source(ev, "evaluation", default="wikitext2"),
                 "seqlen": ev.seqlen,
                 "max_windows": ev.max_windows,
                 "batch_size": ev.batch_size,
@@ -114,6 +110,14 @@ class JobService:
             return PruneConfig.model_validate(data)
         except ValidationError as e:
             raise _pydantic_to_invalid(e, []) from None
+
+    def _text_source(self, block: Any, where: str, default: str) -> str:
+        """A named set, or `uploaded:<id>` of one of this tenant's calibration sets (resolved by the worker)."""
+        if block.calibration_set_id is None:
+            return block.source or default
+        if self.cals.get(block.calibration_set_id) is None:
+            raise InvalidInput.field([where, "calibration_set_id"], "no such calibration set")
+        return f"uploaded:{block.calibration_set_id}"
 
     def create(self, body: JobCreate) -> Job:
         config = self.build_config(body)
