@@ -51,7 +51,8 @@ def build(cfg: CalibrationConfig, tokenizer: Any, max_positions: int | None) -> 
         ids = _load_token_ids(path)
         if ids.dim() == 2:  # pre-tokenised windows are used exactly as given, for like-for-like comparisons
             if ids.shape[1] < seqlen:
-                raise CalibrationError(f"{path.name} holds windows of {ids.shape[1]} tokens, fewer than seqlen {seqlen}")
+                raise CalibrationError(
+                    f"{path.name} holds windows of {ids.shape[1]} tokens, fewer than seqlen {seqlen}")
             protocol.update(sampling="pre-tokenised windows used as given (first nsamples rows, first seqlen tokens)",
                             nsamples=min(cfg.nsamples, ids.shape[0]))
             return Calibration(ids[: cfg.nsamples, :seqlen].contiguous(), protocol)

@@ -4,12 +4,12 @@ from its linears' inputs, prune them, and pass the (pruned) block's outputs on t
 Only the current block and the calibration activations sit on the compute device."""
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
-from dataclasses import dataclass, field
 import ctypes
 import inspect
 import logging
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -20,7 +20,6 @@ from core.pruning.errors import Cancelled, InvalidModelError
 from core.pruning.masks import pack_mask
 from core.pruning.methods import Method, Stats, Target
 from core.pruning.progress import Progress, ProgressFn, StopFn, never_stop, no_progress
-
 
 log = logging.getLogger(__name__)
 
@@ -308,7 +307,8 @@ def prune_blocks(model: nn.Module, tokens: torch.Tensor, method: Method, *, devi
             else:
                 inputs.hidden = dense_out if propagate == "dense" else inputs.run(block)
         _release_freed_memory()
+        done = {r.name: r.sparsity for r in reports if r.name.startswith(f"{prefix}.{i}.")}
         on_progress(Progress("prune", f"block {i + 1}/{len(blocks)}", block=i, total_blocks=len(blocks),
-                             data={"layers": {r.name: r.sparsity for r in reports if r.name.startswith(f"{prefix}.{i}.")}}))
+                             data={"layers": done}))
     return EngineResult(reports, masks, shapes, skipped)
 
