@@ -37,14 +37,45 @@ def _say(msg: str) -> None:
     print(msg, flush=True)
 
 
+FALLBACK_TEXT = ("Once upon a time there was a little robot who liked to prune trees. It cut the branches "
+                 "that did not grow fruit, and the garden became lighter and faster to walk through. ") * 40
+
+
+def _build_fallback_model(dest: Path) -> None:
+    """A small Llama with random weights and a byte-level BPE tokenizer trained on the spot, so the demo
+    runs on a machine with neither the shared assets nor internet access."""
+    if (dest / "config.json").is_file():
+        return
+    import torch
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.train_from_iterator([FALLBACK_TEXT], trainers.BpeTrainer(
+        vocab_size=512, special_tokens=["<unk>", "<s>", "</s>"], show_progress=False,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>")
+    torch.manual_seed(0)
+    cfg = LlamaConfig(hidden_size=64, intermediate_size=172, num_hidden_layers=5, num_attention_heads=8,
+                      num_key_value_heads=4, vocab_size=len(fast), max_position_embeddings=512,
+                      bos_token_id=1, eos_token_id=2)
+    dest.mkdir(parents=True, exist_ok=True)
+    LlamaForCausalLM(cfg).save_pretrained(dest)
+    fast.save_pretrained(dest)
+
+
 def main(model: str | None = None, port: int = 8765, data_dir: str | None = None, sparsity: float = 0.5) -> int:
     model_dir = Path(model) if model else SHARED / "assets" / "stories260k-hf"
-    if not model and not model_dir.is_dir():
-        _say(f"no model at {model_dir}; pass --model <dir or hub id>")
-        return 2
-    local = model_dir.is_dir()
     data = Path(data_dir or os.environ.get("SECATEURS_DEMO_DIR", ROOT / "var" / "demo")).resolve()
     data.mkdir(parents=True, exist_ok=True)
+    if not model and not model_dir.is_dir():
+        model_dir = data / "models" / "tiny-llama-random"
+        _say(f"[demo] {SHARED / 'assets'} not found: building a small random-init Llama at {model_dir} "
+             "(pass --model DIR_OR_HUB_ID for a real one)")
+        _build_fallback_model(model_dir)
+    local = model_dir.is_dir()
     env = {k: v for k, v in os.environ.items() if not k.startswith("SECATEURS_")}
     env.update(SECATEURS_DATA_DIR=str(data), HF_HUB_OFFLINE=env.get("HF_HUB_OFFLINE", "1" if local else "0"),
                PYTHONPATH=str(ROOT) + os.pathsep + env.get("PYTHONPATH", ""), TOKENIZERS_PARALLELISM="false")
@@ -112,15 +143,15 @@ def main(model: str | None = None, port: int = 8765, data_dir: str | None = None
             _say("[demo] worker ready")
             eval_cal = None
             text = SHARED / "assets" / "text" / "wikitext-2-test.txt"
-            if text.is_file():
-                sample = text.read_text("utf-8")[:60_000]
-                r = c.post("/v1/calibration-sets", files={"file": ("wikitext2-test-head.txt", sample.encode())})
-                r.raise_for_status()
-                eval_cal = r.json()["id"]
-                _say(f"[demo] uploaded evaluation text as {eval_cal}")
+            sample, fname = ((text.read_text("utf-8")[:60_000], "wikitext2-test-head.txt") if text.is_file()
+                             else (FALLBACK_TEXT, "demo-text.txt"))
+            r = c.post("/v1/calibration-sets", files={"file": (fname, sample.encode())})
+            r.raise_for_status()
+            eval_cal = r.json()["id"]
+            _say(f"[demo] uploaded evaluation text as {eval_cal}")
             cal_text = SHARED / "assets" / "text" / "tinystories-valid.txt"
             texts = ([cal_text.read_text("utf-8")[:200_000]] if cal_text.is_file()
-                     else ["Once upon a time there was a little robot who liked to prune trees. " * 50])
+                     else [FALLBACK_TEXT])
             body = {
                 "model": str(model_dir.resolve()) if local else model,
                 "method": "wanda",

@@ -26,3 +26,15 @@ def test_demo_runs_end_to_end_on_embedded_defaults(stories260k: Path, text_dir: 
     assert "linear-layer sparsity 0.5" in out
     assert "perplexity_pruned" in out
     assert (tmp_path / "var" / "secateurs.db").is_file() and (tmp_path / "var" / "broker.db").is_file()
+
+
+def test_demo_without_shared_assets_builds_its_own_model(tmp_path: Path):
+    """A user's fresh clone has no ../shared and maybe no internet: the demo still runs end to end."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SECATEURS_")}
+    env["SECATEURS_SHARED_DIR"] = str(tmp_path / "no-such-dir")
+    r = subprocess.run([sys.executable, "-m", "core.demo", "--data-dir", str(tmp_path / "var"), "--port", "0"],
+                       cwd=ROOT, env=env, capture_output=True, text=True, timeout=240)
+    out = r.stdout + r.stderr
+    assert r.returncode == 0, out[-4000:]
+    assert "building a small random-init Llama" in out and "every sha256 verified" in out
+    assert "linear-layer sparsity 0.5" in out
