@@ -67,10 +67,6 @@ class BlockInputs:
                 outs.append(o)
         return outs
 
-    @property
-    def nbytes(self) -> int:
-        return sum(h.numel() * h.element_size() for h in self.hidden)
-
 
 def _release_freed_memory() -> None:
     """glibc keeps freed activation buffers in its arenas, so RSS grows block after block; hand them back."""

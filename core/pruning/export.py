@@ -97,8 +97,6 @@ def _json_default(o: Any) -> Any:
         return str(o)
     if isinstance(o, torch.Tensor):
         return o.tolist()
-    if isinstance(o, float):
-        return None
     raise TypeError(f"not JSON serialisable: {type(o).__name__}")
 
 

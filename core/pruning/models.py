@@ -56,7 +56,6 @@ def load(model_id: str, dtype: str = "auto", trust_remote_code: bool = False, re
     except (ValueError, KeyError, RuntimeError) as e:
         raise InvalidModelError(f"cannot load model {model_id!r}: {_first_line(e)}") from e
     model.eval()
-    del config
     return Loaded(model=model, tokenizer=tokenizer, causal=causal, source=src)
 
 

@@ -18,6 +18,7 @@ import torch
 
 from core.pruning import calibration, engine, evaluate, export, methods, models
 from core.pruning.config import PruneConfig
+from core.pruning.errors import Cancelled
 from core.pruning.export import FileEntry
 from core.pruning.progress import Progress, ProgressFn, StopFn, never_stop, no_progress
 
@@ -142,14 +143,12 @@ def prune(config: PruneConfig, out_dir: Path | str, on_progress: ProgressFn = no
         "versions": _versions(),
     }
     if should_stop():
-        from core.pruning.errors import Cancelled
-
         raise Cancelled("stopped before export")
     on_progress(Progress("export", f"writing {out_dir}"))
     with clock.stage("export"):
         metrics["timings"] = clock.seconds | {"total": round(time.perf_counter() - started, 4)}
         metrics["memory"] = _memory(device)
-        extra = _compact_writer(config) if config.export.compact else None
+        extra = _write_compact if config.export.compact else None
         files = export.write_output(
             out_dir, model=model if config.export.save_model else None, tokenizer=tok,
             masks=masks if config.export.masks else {}, mask_shapes=shapes, metrics=_finite(metrics),
@@ -183,13 +182,10 @@ def _block_sparsity(config: PruneConfig, model: torch.nn.Module, tokens: torch.T
     return schedules.for_model(config, model, tokens, device=device, batch_size=batch)
 
 
-def _compact_writer(config: PruneConfig):
+def _write_compact(tmp: Path) -> None:
     from core.pruning import compact
 
-    def write(tmp: Path) -> None:
-        compact.pack_checkpoint(tmp, tmp / "compact")
-
-    return write
+    compact.pack_checkpoint(tmp, tmp / "compact")
 
 
 def _memory(device: torch.device) -> dict[str, Any]:

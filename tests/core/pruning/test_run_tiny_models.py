@@ -92,7 +92,7 @@ def test_true_sequential_and_dense_propagation_change_results_but_keep_targets(t
     base = prune(config(src, "sparsegpt", "0.5"), tmp_path / "a").metrics
     seq = prune(config(src, "sparsegpt", "0.5", true_sequential=True), tmp_path / "b").metrics
     dense = prune(config(src, "sparsegpt", "0.5", propagate="dense"), tmp_path / "c").metrics
-    for m in (seq, dense):
+    for m in (base, seq, dense):
         assert m["achieved_sparsity"] == pytest.approx(0.5, abs=0.02)
     w = lambda d: pruned_weights(reload(d))  # noqa: E731
     a, b, c = w(tmp_path / "a"), w(tmp_path / "b"), w(tmp_path / "c")
