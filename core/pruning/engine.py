@@ -18,7 +18,7 @@ from torch import nn
 from core.pruning import models
 from core.pruning.errors import Cancelled, InvalidModelError
 from core.pruning.masks import pack_mask
-from core.pruning.methods import Method, Stats, Target
+from core.pruning.methods import Method, Pruned, Stats, Target
 from core.pruning.progress import Progress, ProgressFn, StopFn, never_stop, no_progress
 
 log = logging.getLogger(__name__)
@@ -26,6 +26,10 @@ log = logging.getLogger(__name__)
 
 class _Captured(Exception):
     pass
+
+
+class _Collected(Exception):
+    """Raised from a pre-hook once a batch has delivered every input a statistics pass needs."""
 
 
 def _to(obj: Any, device: torch.device) -> Any:
@@ -57,15 +61,50 @@ class BlockInputs:
     extra: dict[tuple[int, int], tuple[tuple, dict]] = field(default_factory=dict)
     index_of: dict[int, int] = field(default_factory=dict)  # id(block) -> its position when captured
 
+    def _call(self, block: nn.Module, h: torch.Tensor) -> torch.Tensor:
+        args, kwargs = self.extra[(self.index_of[id(block)], h.shape[0])]
+        return _first(block(h, *args, **kwargs))
+
     def run(self, block: nn.Module, keep: bool = True) -> list[torch.Tensor]:
-        i = self.index_of[id(block)]
         outs = []
         for h in self.hidden:
-            args, kwargs = self.extra[(i, h.shape[0])]
-            o = _first(block(h, *args, **kwargs))
+            o = self._call(block, h)
             if keep:
                 outs.append(o)
         return outs
+
+    def advance(self, block: nn.Module) -> None:
+        """Replace every batch by the block's output, one batch at a time, so inputs and outputs of the
+        whole calibration set are never resident together."""
+        for j, h in enumerate(self.hidden):
+            self.hidden[j] = self._call(block, h)
+            del h
+
+    def collect(self, block: nn.Module, layers: dict[str, nn.Module], fn: Callable[[str, torch.Tensor], None]) -> None:
+        """Call fn(name, input) for every input the given layers receive, running each batch only as far as
+        the last of those calls: the first batch runs the whole block and counts the calls, the others stop
+        right after that many (a statistics pass never needs what follows, e.g. down_proj's product)."""
+        calls, expected = 0, None
+
+        def hook(mod: nn.Module, args: tuple, name: str) -> None:
+            nonlocal calls
+            fn(name, args[0].detach())
+            calls += 1
+            if calls == expected:
+                raise _Collected
+
+        handles = [m.register_forward_pre_hook(lambda mod, args, n=n: hook(mod, args, n)) for n, m in layers.items()]
+        try:
+            for h in self.hidden:
+                calls = 0
+                try:
+                    self._call(block, h)
+                except _Collected:
+                    continue
+                expected = expected or calls or None
+        finally:
+            for hd in handles:
+                hd.remove()
 
 
 def _release_freed_memory() -> None:
@@ -239,6 +278,33 @@ class SharedStats:
         return {n: self.stats[self.owner[n]] if n in self.owner else None for n in self.layers}
 
 
+def _collect(method: Method, block: nn.Module, layers: dict[str, nn.Module], inputs: BlockInputs,
+             device: torch.device) -> dict[str, Stats | None]:
+    collector = SharedStats(method, layers, device)
+    inputs.collect(block, layers, collector.add)
+    return collector.per_layer()
+
+
+def _share_groups(names: list[str], stats: dict[str, Stats | None], targets: dict[str, Target]) -> list[list[str]]:
+    """Layers pruned in one call: same statistic object and same target (q/k/v, gate/up); others alone."""
+    groups: dict[tuple[int, Target], list[str]] = {}
+    for n in names:
+        key = (id(stats[n]), targets[n]) if stats[n] is not None else (id(n), targets[n])
+        groups.setdefault(key, []).append(n)
+    return list(groups.values())
+
+
+def _write_back(layer: nn.Module, res: Pruned, name: str, t: Target, masks: dict[str, torch.Tensor],
+                shapes: dict[str, list[int]]) -> LayerReport:
+    """Store the pruned weight in the layer, its packed mask, and report what was achieved."""
+    models.set_weight(layer, res.weight)
+    stored = res.mask if isinstance(layer, nn.Linear) else res.mask.t()
+    masks[f"{name}.weight"], shapes[f"{name}.weight"] = pack_mask(~stored.cpu()), list(stored.shape)
+    return LayerReport(name=name, shape=tuple(res.weight.shape), target=t.sparsity,
+                       pattern=f"{t.nm[0]}:{t.nm[1]}" if t.nm else None,
+                       sparsity=float((models.get_weight(layer) == 0).sum()) / res.weight.numel(), info=res.info)
+
+
 def prune_blocks(model: nn.Module, tokens: torch.Tensor, method: Method, *, device: torch.device,
                  block_sparsity: list[float], nm: tuple[int, int] | None, exclude: list[str],
                  overrides: dict[str, float], true_sequential: bool = False, propagate: str = "pruned",
@@ -272,36 +338,39 @@ def prune_blocks(model: nn.Module, tokens: torch.Tensor, method: Method, *, devi
             for g, group in enumerate(groups):
                 stats: dict[str, Stats | None] = {n: None for n in group}
                 if method.needs_inputs and group:
-                    keep = propagate == "dense" and g == 0  # the first pass sees the dense block
-                    collector = SharedStats(method, {n: layers[n] for n in group}, device)
-                    with hooked({n: layers[n] for n in group}, collector.add):
-                        outs = inputs.run(block, keep=keep)
-                    dense_out = outs if keep else dense_out
-                    stats = collector.per_layer()
+                    sub = {n: layers[n] for n in group}
+                    if propagate == "dense" and g == 0:  # the first pass sees the dense block: keep its outputs
+                        collector = SharedStats(method, sub, device)
+                        with hooked(sub, collector.add):
+                            dense_out = inputs.run(block)
+                        stats = collector.per_layer()
+                        del collector
+                    else:
+                        stats = _collect(method, block, sub, inputs, device)
+                    _release_freed_memory()  # the pass's temporaries, before pruning allocates its own
+                live = []
                 for n in group:
                     if method.needs_inputs and stats[n] is None:
                         log.warning("%s.%d.%s received no calibration input; left unpruned", prefix, i, n)
                         skipped.append(f"{prefix}.{i}.{n}")
-                        continue
-                    layer = layers[n]
-                    w = models.get_weight(layer).to(device, torch.float32, copy=True,
-                                                    memory_format=torch.contiguous_format)
-                    res = method.prune(w, stats[n], targets[n])
-                    models.set_weight(layer, res.weight)
-                    del w
-                    full = f"{prefix}.{i}.{n}.weight"
-                    stored = res.mask if isinstance(layer, nn.Linear) else res.mask.t()
-                    masks[full], shapes[full] = pack_mask(~stored.cpu()), list(stored.shape)
-                    t = targets[n]
-                    reports.append(LayerReport(
-                        name=f"{prefix}.{i}.{n}", shape=tuple(res.weight.shape),
-                        target=t.sparsity, pattern=f"{t.nm[0]}:{t.nm[1]}" if t.nm else None,
-                        sparsity=float((models.get_weight(layer) == 0).sum()) / res.weight.numel(),
-                        info=res.info))
+                    else:
+                        live.append(n)
+                for names in _share_groups(live, stats, targets):
+                    ws = [models.get_weight(layers[n]).to(device, torch.float32, copy=True,
+                                                          memory_format=torch.contiguous_format) for n in names]
+                    results = method.prune_many(ws, stats[names[0]], targets[names[0]])
+                    del ws
+                    reports.extend(_write_back(layers[n], r, f"{prefix}.{i}.{n}", targets[n], masks, shapes)
+                                   for n, r in zip(names, results))
+                    del results
+                del stats
+            _release_freed_memory()
             if i == len(blocks) - 1:
                 inputs.hidden = []  # nothing reads the last block's outputs
+            elif propagate == "dense":
+                inputs.hidden = dense_out
             else:
-                inputs.hidden = dense_out if propagate == "dense" else inputs.run(block)
+                inputs.advance(block)
         _release_freed_memory()
         done = {r.name: r.sparsity for r in reports if r.name.startswith(f"{prefix}.{i}.")}
         on_progress(Progress("prune", f"block {i + 1}/{len(blocks)}", block=i, total_blocks=len(blocks),

@@ -6,20 +6,28 @@ import torch
 
 def lowest_per_row(score: torch.Tensor, sparsity: float) -> torch.Tensor:
     """Remove the int(in·p) lowest scores of every output row (Wanda's comparison group)."""
-    k = int(score.shape[1] * sparsity)
-    mask = torch.zeros_like(score, dtype=torch.bool)
-    if k:
-        mask.scatter_(1, torch.topk(score, k, dim=1, largest=False).indices, True)
-    return mask
+    return _lowest_k(score, int(score.shape[1] * sparsity))
 
 
 def lowest_overall(score: torch.Tensor, sparsity: float) -> torch.Tensor:
     """Remove the int(numel·p) lowest scores of the whole matrix (one threshold per layer)."""
-    k = int(score.numel() * sparsity)
-    mask = torch.zeros(score.numel(), dtype=torch.bool, device=score.device)
-    if k:
-        mask[torch.topk(score.flatten(), k, largest=False).indices] = True
-    return mask.view_as(score)
+    return _lowest_k(score.reshape(1, -1), int(score.numel() * sparsity)).view_as(score)
+
+
+def _lowest_k(score: torch.Tensor, k: int) -> torch.Tensor:
+    """Exactly k lowest entries of each row; among equal scores the lowest indices go first, as a stable
+    sort orders them. A k-th value threshold costs about half a top-k of half the row."""
+    if not k:
+        return torch.zeros_like(score, dtype=torch.bool)
+    kth = score.kthvalue(k, dim=1, keepdim=True).values
+    mask = score < kth
+    ties = score == kth
+    short = k - mask.sum(1, keepdim=True)  # how many of the ties each row still removes (≥ 1)
+    split = (ties.sum(1, keepdim=True) > short).squeeze(1)
+    if split.any():  # rare: more ties than needed (dead inputs give whole runs of zero scores)
+        t = ties[split]
+        ties[split] = t & (t.cumsum(1) <= short[split])
+    return mask | ties
 
 
 def nm_mask(score: torch.Tensor, n: int, m: int) -> torch.Tensor:

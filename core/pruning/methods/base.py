@@ -47,7 +47,13 @@ class Method:
         return None
 
     def prune(self, w: torch.Tensor, stats: Stats | None, target: Target) -> Pruned:  # pragma: no cover
+        """w is [out, in] float32, the method's own copy: it may be pruned in place and returned."""
         raise NotImplementedError
+
+    def prune_many(self, ws: list[torch.Tensor], stats: Stats | None, target: Target) -> list[Pruned]:
+        """Layers that share one statistic and one target, in order. Methods that can do them together
+        (SparseGPT: one sweep over the stacked rows) override this; the weights may be consumed."""
+        return [self.prune(w, stats, target) for w in ws]
 
 
 def tokens_first(x: torch.Tensor) -> torch.Tensor:

@@ -19,4 +19,4 @@ class Magnitude(Method):
             mask = patterns.lowest_per_row(score, target.sparsity)
         else:
             mask = patterns.lowest_overall(score, target.sparsity)
-        return Pruned(w.masked_fill(mask, 0), mask)
+        return Pruned(w.masked_fill_(mask, 0), mask)

@@ -11,6 +11,7 @@ from core.pruning.methods.base import Method, Pruned, Stats, Target, tokens_firs
 
 log = logging.getLogger(__name__)
 MAX_DAMP_RETRIES = 6  # damping ×10 each time: 0.01 → 1e4 · mean(diag H)
+HESSIAN_STRIPES = 4  # XᵀX is symmetric: accumulate only the upper triangle, in this many row stripes
 
 
 class Hessian(Stats):
@@ -20,6 +21,8 @@ class Hessian(Stats):
     def __init__(self, in_features: int, device: torch.device):
         self.H: torch.Tensor | None = torch.zeros(in_features, in_features, dtype=torch.float32, device=device)
         self.n = 0
+        d = in_features
+        self._edges = sorted({round(d * s / HESSIAN_STRIPES) for s in range(HESSIAN_STRIPES + 1)})
         self._factor: tuple[torch.Tensor, torch.Tensor, float, int] | None = None
 
     def add_batch(self, x: torch.Tensor) -> None:
@@ -28,39 +31,50 @@ class Hessian(Stats):
         x = tokens_first(x)
         self.H.mul_(self.n / (self.n + b))
         self.n += b
-        self.H.addmm_(x.t(), x, alpha=2 / self.n)
+        # the stripes H[a:b, a:] cover the upper triangle with ~5/8 of a full XᵀX's multiply-adds
+        for a0, a1 in zip(self._edges, self._edges[1:]):
+            self.H[a0:a1, a0:].addmm_(x[:, a0:a1].t(), x[:, a0:], alpha=2 / self.n)
+
+    @property
+    def matrix(self) -> torch.Tensor:
+        """The full symmetric H (a copy); for inspection."""
+        assert self.H is not None, "statistics already consumed"
+        return self.H.triu() + self.H.triu(1).t()
 
     def factor(self, percdamp: float) -> tuple[torch.Tensor, torch.Tensor, float, int]:
         """(U, dead inputs, damping used, retries), computed once; H is consumed to save memory."""
         if self._factor is None:
             H, self.H = self.H, None
             dead = torch.diag(H) == 0  # inputs never active: H_jj = 1 (and W_:j = 0 in prune)
-            H[dead, dead] = 1
-            self._factor = inverse_hessian_cholesky(H, percdamp, dead)
+            H.diagonal()[dead] = 1
+            self._factor = inverse_hessian_cholesky(H, percdamp, dead, upper_only=True)
         return self._factor
 
 
-def inverse_hessian_cholesky(H: torch.Tensor, percdamp: float,
-                             dead: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, float, int]:
-    """U = upper Cholesky factor of (H + λI)⁻¹, λ = percdamp·mean(diag H); retry with 10× damping.
-    H is modified in place."""
-    idx = torch.arange(H.shape[0], device=H.device)
+def inverse_hessian_cholesky(H: torch.Tensor, percdamp: float, dead: torch.Tensor | None = None,
+                             upper_only: bool = False) -> tuple[torch.Tensor, torch.Tensor, float, int]:
+    """U = upper Cholesky factor of (H + λI)⁻¹ (UᵀU = (H + λI)⁻¹), λ = percdamp·mean(diag H); retry with 10×
+    damping. With upper_only, only H's upper triangle is read.
+
+    With J the order-reversing permutation: if J(H + λI)J = RRᵀ (R lower), then (H + λI)⁻¹ = (JR⁻¹J)ᵀ(JR⁻¹J)
+    and JR⁻¹J is upper triangular. One Cholesky and one triangular inverse, where inverting H and factoring
+    the inverse would take two Cholesky factorisations and a full solve."""
     mean = torch.mean(torch.diag(H)).item()
-    added = 0.0
     dead = torch.zeros(H.shape[0], dtype=torch.bool, device=H.device) if dead is None else dead
+    Hr = H.flip(0, 1)  # J H J: a copy, so H itself is left alone
+    if upper_only:
+        Hr = Hr.tril_()  # the flipped upper triangle is the lower one, all cholesky_ex reads
+    added = 0.0
     for attempt in range(MAX_DAMP_RETRIES + 1):
         damp = percdamp * 10**attempt
-        H[idx, idx] += damp * mean - added
+        Hr.diagonal().add_(damp * mean - added)
         added = damp * mean
-        L, info = torch.linalg.cholesky_ex(H)
+        R, info = torch.linalg.cholesky_ex(Hr)
         if info == 0:
-            # (H + λI)⁻¹ from its Cholesky factor; cholesky_inverse is slow on CPU, a triangular solve is not
-            eye = None if L.is_cuda else torch.eye(H.shape[0], device=H.device)
-            Hinv = torch.cholesky_inverse(L) if eye is None else torch.cholesky_solve(eye, L)
-            del L, eye
-            U, info = torch.linalg.cholesky_ex(Hinv, upper=True)
-            del Hinv
-            if info == 0 and torch.isfinite(U).all():
+            eye = torch.eye(H.shape[0], device=H.device, dtype=H.dtype)
+            U = torch.linalg.solve_triangular(R, eye, upper=False).flip(0, 1)
+            del R, eye
+            if torch.isfinite(U).all():
                 if attempt:
                     log.warning("SparseGPT: Cholesky failed at damping %.3g; succeeded with %.3g", percdamp, damp)
                 return U, dead, damp, attempt
@@ -74,45 +88,64 @@ class SparseGPT(Method):
         return Hessian(in_features, device)
 
     def prune(self, w: torch.Tensor, stats: Stats | None, target: Target) -> Pruned:
+        return self.prune_many([w], stats, target)[0]
+
+    def prune_many(self, ws: list[torch.Tensor], stats: Stats | None, target: Target) -> list[Pruned]:
+        """Layers sharing one Hessian are swept together, their rows stacked: every row's OBS update depends
+        only on that row and H⁻¹, so this equals pruning them one by one (the unstructured threshold is still
+        taken per layer), with a third of the column steps for q/k/v."""
         assert isinstance(stats, Hessian)
         U, dead, damp, retries = stats.factor(self.config.percdamp)
-        W = w.clone()
-        rows, cols = W.shape
-        W[:, dead] = 0
+        rows = [w.shape[0] for w in ws]
+        # work on Wᵀ [in, out]: column i of W is the contiguous row i here
+        Wt = torch.cat([w.t() for w in ws], dim=1) if len(ws) > 1 else ws[0].t().contiguous()
+        was_nonzero_dead = (Wt[dead] != 0) if dead.any() else None
+        ws.clear()  # the caller's copies are no longer needed
+        Wt[dead] = 0
+        mask = sweep(Wt, U, target, self.config.blocksize, rows)
+        if was_nonzero_dead is not None:
+            mask[dead] |= was_nonzero_dead
+        Wt.masked_fill_(mask, 0)
+        info = {"damping": damp, "damping_retries": retries}
+        out, r0 = [], 0
+        for r in rows:
+            out.append(Pruned(Wt[:, r0 : r0 + r].t(), mask[:, r0 : r0 + r].t(), dict(info)))
+            r0 += r
+        return out
 
-        nm = target.nm
-        bs = self.config.blocksize
-        if nm is not None:  # N:M groups must not straddle a block boundary
-            bs = max(nm[1], bs - bs % nm[1])
-        mask = torch.zeros_like(W, dtype=torch.bool)
-        for i1 in range(0, cols, bs):
-            i2 = min(i1 + bs, cols)
-            W1 = W[:, i1:i2].clone()
-            Q1 = torch.zeros_like(W1)
-            Err1 = torch.zeros_like(W1)
-            U1 = U[i1:i2, i1:i2]
-            d = torch.diag(U1)
-            M1 = torch.zeros_like(W1, dtype=torch.bool)
-            if nm is None:  # adaptive mask: the lowest W²/[U]_jj² over the whole block (all rows)
-                score = W1.pow(2) / d.pow(2).unsqueeze(0)
-                k = int(score.numel() * target.sparsity)
+
+def sweep(Wt: torch.Tensor, U: torch.Tensor, target: Target, blocksize: int, segments: list[int]) -> torch.Tensor:
+    """The SparseGPT sweep over Wᵀ [in, out] in place; returns the removal mask in the same layout. `segments`
+    are the row counts (of W) of the layers stacked in Wt: each gets its own unstructured threshold."""
+    cols, _ = Wt.shape
+    nm = target.nm
+    bs = blocksize if nm is None else max(nm[1], blocksize - blocksize % nm[1])  # N:M groups never straddle
+    mask = torch.zeros_like(Wt, dtype=torch.bool)
+    for i1 in range(0, cols, bs):
+        i2 = min(i1 + bs, cols)
+        W1, U1, M1 = Wt[i1:i2], U[i1:i2, i1:i2], mask[i1:i2]  # views: updated in place
+        d = torch.diag(U1)
+        if nm is None:  # adaptive mask: the lowest w²/[U]_jj² over the block's rows of each layer
+            score = W1.pow(2) / d.pow(2).unsqueeze(1)
+            r0 = 0
+            for r in segments:
+                s = score[:, r0 : r0 + r]
+                k = int(s.numel() * target.sparsity)
                 if k:  # a k-th value threshold, as the reference; cheaper than a top-k of half the block
-                    M1 = score <= score.flatten().kthvalue(k).values
-            for i in range(i2 - i1):
-                if nm is not None and i % nm[1] == 0:  # choose this group with the already-updated weights
-                    g = W1[:, i : i + nm[1]].pow(2) / d[i : i + nm[1]].pow(2).unsqueeze(0)
-                    drop = g.shape[1] - nm[0]
-                    if drop > 0:
-                        M1.scatter_(1, i + torch.topk(g, drop, dim=1, largest=False).indices, True)
-                w_col = W1[:, i]
-                q = w_col.masked_fill(M1[:, i], 0)
-                Q1[:, i] = q
-                err = (w_col - q) / d[i]  # OBS: δ = −(w_p / [H⁻¹]_pp)·[H⁻¹]_p,:
-                W1[:, i:].addr_(err, U1[i, i:], alpha=-1)
-                Err1[:, i] = err
-            W[:, i1:i2] = Q1
-            mask[:, i1:i2] = M1
-            W[:, i2:] -= Err1 @ U[i1:i2, i2:]  # lazy batch update of all later columns
-        mask |= dead.unsqueeze(0) & (w != 0)
-        W.masked_fill_(mask, 0)
-        return Pruned(W, mask, {"damping": damp, "damping_retries": retries})
+                    M1[:, r0 : r0 + r] = s <= s.flatten().kthvalue(k).values
+                r0 += r
+            del score
+        drop = torch.zeros_like(W1)  # 1.0 where removed: err = w·drop/d is (w − q)/d exactly
+        drop.copy_(M1)
+        Err1 = torch.empty_like(W1)
+        for i in range(i2 - i1):
+            if nm is not None and i % nm[1] == 0:  # choose this group with the already-updated weights
+                g = W1[i : i + nm[1]].pow(2) / d[i : i + nm[1]].pow(2).unsqueeze(1)
+                k = g.shape[0] - nm[0]
+                if k > 0:
+                    M1[i : i + nm[1]].scatter_(0, torch.topk(g, k, dim=0, largest=False).indices, True)
+                    drop[i : i + nm[1]].copy_(M1[i : i + nm[1]])
+            err = torch.mul(W1[i], drop[i], out=Err1[i]).div_(d[i])  # OBS: δ = −(w_p / [H⁻¹]_pp)·[H⁻¹]_p,:
+            W1[i:].addr_(U1[i, i:], err, alpha=-1)
+        Wt[i2:].addmm_(U[i1:i2, i2:].t(), Err1, alpha=-1)  # lazy batch update of all later columns
+    return mask

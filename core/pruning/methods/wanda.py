@@ -39,7 +39,7 @@ class Wanda(Method):
             info["alpha"] = alpha
         else:
             mask = patterns.lowest_per_row(score, target.sparsity)
-        return Pruned(w.masked_fill(mask, 0), mask, info)
+        return Pruned(w.masked_fill_(mask, 0), mask, info)
 
 
 def cumulative_mask(score: torch.Tensor, sparsity: float, tol: float = 1e-3) -> tuple[torch.Tensor, float]:

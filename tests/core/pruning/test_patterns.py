@@ -52,3 +52,20 @@ def test_masks_pack_to_one_bit_and_round_trip():
     packed = pack_mask(keep)
     assert packed.dtype == torch.uint8 and packed.numel() == (33 * 17 + 7) // 8
     assert torch.equal(unpack_mask(packed, keep.shape), keep)
+
+
+def test_lowest_per_row_removes_exactly_k_and_breaks_ties_like_a_stable_sort():
+    g = torch.Generator().manual_seed(0)
+    score = torch.randint(0, 4, (64, 40), generator=g).float()  # many ties
+    score[3] = 0  # a row of equal scores
+    mask = patterns.lowest_per_row(score, 0.5)
+    assert (mask.sum(1) == 20).all()
+    order = torch.sort(score, dim=1, stable=True).indices[:, :20]
+    assert torch.equal(mask, torch.zeros_like(mask).scatter_(1, order, True))
+
+
+def test_lowest_overall_removes_exactly_k_with_one_threshold():
+    score = torch.tensor([[0.0, 1.0, 1.0, 1.0], [2.0, 1.0, 3.0, 0.5]])
+    mask = patterns.lowest_overall(score, 0.5)
+    assert mask.sum() == 4
+    assert torch.equal(mask, torch.tensor([[True, True, True, False], [False, False, False, True]]))
