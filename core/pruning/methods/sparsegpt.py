@@ -44,26 +44,27 @@ class Hessian(Stats):
     def factor(self, percdamp: float) -> tuple[torch.Tensor, torch.Tensor, float, int]:
         """(U, dead inputs, damping used, retries), computed once; H is consumed to save memory."""
         if self._factor is None:
-            H, self.H = self.H, None
-            dead = torch.diag(H) == 0  # inputs never active: H_jj = 1 (and W_:j = 0 in prune)
-            H.diagonal()[dead] = 1
-            self._factor = inverse_hessian_cholesky(H, percdamp, dead, upper_only=True)
+            Hr = self.H.flip(0, 1).tril_()  # J H J: its lower triangle is H's upper one, all that was summed
+            self.H = None
+            self._factor = _factor_reversed(Hr, percdamp)
         return self._factor
 
 
-def inverse_hessian_cholesky(H: torch.Tensor, percdamp: float, dead: torch.Tensor | None = None,
-                             upper_only: bool = False) -> tuple[torch.Tensor, torch.Tensor, float, int]:
-    """U = upper Cholesky factor of (H + λI)⁻¹ (UᵀU = (H + λI)⁻¹), λ = percdamp·mean(diag H); retry with 10×
-    damping. With upper_only, only H's upper triangle is read.
+def inverse_hessian_cholesky(H: torch.Tensor, percdamp: float) -> tuple[torch.Tensor, torch.Tensor, float, int]:
+    """(U, dead, λ used, retries): U is the upper Cholesky factor of (H + λI)⁻¹, i.e. UᵀU = (H + λI)⁻¹, with
+    λ = percdamp·mean(diag H), retried with 10× damping; dead inputs (H_jj = 0) get H_jj = 1. H is left as is."""
+    return _factor_reversed(H.flip(0, 1), percdamp)
 
-    With J the order-reversing permutation: if J(H + λI)J = RRᵀ (R lower), then (H + λI)⁻¹ = (JR⁻¹J)ᵀ(JR⁻¹J)
-    and JR⁻¹J is upper triangular. One Cholesky and one triangular inverse, where inverting H and factoring
-    the inverse would take two Cholesky factorisations and a full solve."""
-    mean = torch.mean(torch.diag(H)).item()
-    dead = torch.zeros(H.shape[0], dtype=torch.bool, device=H.device) if dead is None else dead
-    Hr = H.flip(0, 1)  # J H J: a copy, so H itself is left alone
-    if upper_only:
-        Hr = Hr.tril_()  # the flipped upper triangle is the lower one, all cholesky_ex reads
+
+def _factor_reversed(Hr: torch.Tensor, percdamp: float) -> tuple[torch.Tensor, torch.Tensor, float, int]:
+    """The same from Hr = J H J (J reverses the order), whose lower triangle is read and whose memory is reused.
+
+    If J(H + λI)J = RRᵀ (R lower), then (H + λI)⁻¹ = (JR⁻¹J)ᵀ(JR⁻¹J) and JR⁻¹J is upper triangular: one
+    Cholesky and one triangular inverse, where inverting H and factoring the inverse would take two Cholesky
+    factorisations and a full solve, and two more matrices in memory."""
+    dead = Hr.diagonal() == 0  # inputs never active: H_jj = 1 (and W_:j = 0 in prune)
+    Hr.diagonal()[dead] = 1
+    mean = Hr.diagonal().mean().item()
     added = 0.0
     for attempt in range(MAX_DAMP_RETRIES + 1):
         damp = percdamp * 10**attempt
@@ -71,13 +72,14 @@ def inverse_hessian_cholesky(H: torch.Tensor, percdamp: float, dead: torch.Tenso
         added = damp * mean
         R, info = torch.linalg.cholesky_ex(Hr)
         if info == 0:
-            eye = torch.eye(H.shape[0], device=H.device, dtype=H.dtype)
-            U = torch.linalg.solve_triangular(R, eye, upper=False).flip(0, 1)
-            del R, eye
-            if torch.isfinite(U).all():
+            Hr.zero_().diagonal().fill_(1)
+            Rinv = torch.linalg.solve_triangular(R, Hr, upper=False, out=Hr)  # in place of the identity
+            if torch.isfinite(Rinv).all():
+                del R
                 if attempt:
                     log.warning("SparseGPT: Cholesky failed at damping %.3g; succeeded with %.3g", percdamp, damp)
-                return U, dead, damp, attempt
+                return Rinv.flip(0, 1), dead.flip(0), damp, attempt
+            Hr = R @ R.mT  # rare: rebuild the damped matrix, to retry with more damping
     raise NumericalError(f"Cholesky of the damped Hessian failed even at damping {damp:g}·mean(diag H)")
 
 
