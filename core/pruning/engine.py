@@ -363,6 +363,7 @@ def prune_blocks(model: nn.Module, tokens: torch.Tensor, method: Method, *, devi
                     reports.extend(_write_back(layers[n], r, f"{prefix}.{i}.{n}", targets[n], masks, shapes)
                                    for n, r in zip(names, results))
                     del results
+                    _release_freed_memory()  # so that the transients of successive groups do not pile up
                 del stats
             _release_freed_memory()
             if i == len(blocks) - 1:

@@ -74,7 +74,7 @@ def _factor_reversed(Hr: torch.Tensor, percdamp: float) -> tuple[torch.Tensor, t
         if info == 0:
             Hr.zero_().diagonal().fill_(1)
             Rinv = torch.linalg.solve_triangular(R, Hr, upper=False, out=Hr)  # in place of the identity
-            if torch.isfinite(Rinv).all():
+            if torch.isfinite(Rinv.sum()):  # any inf or nan makes the sum so; cheaper than a full test
                 del R
                 if attempt:
                     log.warning("SparseGPT: Cholesky failed at damping %.3g; succeeded with %.3g", percdamp, damp)
@@ -125,29 +125,29 @@ def sweep(Wt: torch.Tensor, U: torch.Tensor, target: Target, blocksize: int, seg
     mask = torch.zeros_like(Wt, dtype=torch.bool)
     for i1 in range(0, cols, bs):
         i2 = min(i1 + bs, cols)
-        W1, U1, M1 = Wt[i1:i2], U[i1:i2, i1:i2], mask[i1:i2]  # views: updated in place
+        W1, U1 = Wt[i1:i2], U[i1:i2, i1:i2]  # views: updated in place
         d = torch.diag(U1)
+        d2 = d.pow(2).unsqueeze(1)
+        drop = torch.zeros_like(W1)  # 1.0 where removed, so that err = w·drop/d is (w − q)/d exactly
         if nm is None:  # adaptive mask: the lowest w²/[U]_jj² over the block's rows of each layer
-            score = W1.pow(2) / d.pow(2).unsqueeze(1)
+            score = W1.pow(2).div_(d2)
             r0 = 0
             for r in segments:
                 s = score[:, r0 : r0 + r]
                 k = int(s.numel() * target.sparsity)
                 if k:  # a k-th value threshold, as the reference; cheaper than a top-k of half the block
-                    M1[:, r0 : r0 + r] = s <= s.flatten().kthvalue(k).values
+                    drop[:, r0 : r0 + r].masked_fill_(s <= s.flatten().kthvalue(k).values, 1.0)
                 r0 += r
             del score
-        drop = torch.zeros_like(W1)  # 1.0 where removed: err = w·drop/d is (w − q)/d exactly
-        drop.copy_(M1)
         Err1 = torch.empty_like(W1)
         for i in range(i2 - i1):
             if nm is not None and i % nm[1] == 0:  # choose this group with the already-updated weights
-                g = W1[i : i + nm[1]].pow(2) / d[i : i + nm[1]].pow(2).unsqueeze(1)
+                g = W1[i : i + nm[1]].pow(2).div_(d2[i : i + nm[1]])
                 k = g.shape[0] - nm[0]
                 if k > 0:
-                    M1[i : i + nm[1]].scatter_(0, torch.topk(g, k, dim=0, largest=False).indices, True)
-                    drop[i : i + nm[1]].copy_(M1[i : i + nm[1]])
+                    drop[i : i + nm[1]].scatter_(0, torch.topk(g, k, dim=0, largest=False).indices, 1.0)
             err = torch.mul(W1[i], drop[i], out=Err1[i]).div_(d[i])  # OBS: δ = −(w_p / [H⁻¹]_pp)·[H⁻¹]_p,:
             W1[i:].addr_(U1[i, i:], err, alpha=-1)
+        mask[i1:i2] = drop != 0
         Wt[i2:].addmm_(U[i1:i2, i2:].t(), Err1, alpha=-1)  # lazy batch update of all later columns
     return mask
