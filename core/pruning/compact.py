@@ -186,7 +186,8 @@ def pack_checkpoint(source: Source, out_dir: str | Path, encodings: tuple[str, .
             stored.update(parts)
             nnz = int((_bits(t) != 0).sum()) if enc != "dense" else None
             entries[name] = {"encoding": enc, "dtype": str(t.dtype).removeprefix("torch."),
-                             "shape": list(t.shape), "nnz": nnz, "file": shard, "stored_in": f"compact-{shard}"}
+                             "shape": list(t.shape), "nnz": nnz, "file": shard, "stored_in": f"compact-{shard}",
+                             "stored_bytes": sum(v.numel() * v.element_size() for v in parts.values())}
             if codec is not None:
                 entries[name]["values"] = codec
             dense_bytes += t.numel() * t.element_size()

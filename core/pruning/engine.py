@@ -82,26 +82,29 @@ class BlockInputs:
 
     def collect(self, block: nn.Module, layers: dict[str, nn.Module], fn: Callable[[str, torch.Tensor], None]) -> None:
         """Call fn(name, input) for every input the given layers receive, running each batch only as far as
-        the last of those calls: the first batch runs the whole block and counts the calls, the others stop
-        right after that many (a statistics pass never needs what follows, e.g. down_proj's product)."""
-        calls, expected = 0, None
+        it must: the first batch runs the whole block and counts the calls; a later batch stops once it has
+        made as many and every layer has had its input (a statistics pass never needs what follows, e.g.
+        down_proj's product). A batch that routes differently (mixture-of-experts) simply runs to the end."""
+        calls, seen, expected = 0, set(), None
 
-        def hook(mod: nn.Module, args: tuple, name: str) -> None:
+        def hook(name: str, args: tuple) -> None:
             nonlocal calls
             fn(name, args[0].detach())
             calls += 1
-            if calls == expected:
+            seen.add(name)
+            if calls == expected and len(seen) == len(layers):
                 raise _Collected
 
-        handles = [m.register_forward_pre_hook(lambda mod, args, n=n: hook(mod, args, n)) for n, m in layers.items()]
+        handles = [m.register_forward_pre_hook(lambda mod, args, n=n: hook(n, args)) for n, m in layers.items()]
         try:
             for h in self.hidden:
-                calls = 0
+                calls, seen = 0, set()
                 try:
                     self._call(block, h)
                 except _Collected:
                     continue
-                expected = expected or calls or None
+                if expected is None and len(seen) == len(layers):
+                    expected = calls
         finally:
             for hd in handles:
                 hd.remove()

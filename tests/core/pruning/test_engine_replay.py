@@ -73,3 +73,28 @@ def test_layers_reading_one_input_share_one_statistic(tiny_model):
     distinct = {id(st[n]) for n in ("self_attn.q_proj", "self_attn.o_proj", "mlp.gate_proj", "mlp.down_proj")}
     assert len(distinct) == 4
     assert all(s.n == 4 for s in st.values())  # every sequence counted once per statistic
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_statistics_pass_stops_early_but_sees_every_input(tiny_model, arch):
+    d = tiny_model(arch)
+    cfg = transformers.AutoConfig.from_pretrained(d)
+    model = getattr(transformers, cfg.architectures[0]).from_pretrained(d).eval()
+    _, blocks = models.find_blocks(model)
+    inputs = engine.capture(model, blocks, torch.randint(4, 290, (6, 32)), torch.device("cpu"), batch_size=2)
+    layers = models.prunable_layers(blocks[0])
+    first = next(iter(layers))  # the first linear in call order: later batches need nothing after it
+    full, early = {}, {}
+    with torch.no_grad(), engine.hooked(layers, lambda n, x: full.setdefault(n, []).append(x.clone())):
+        inputs.run(blocks[0], keep=False)
+    ran = []
+    last = list(layers.values())[-1]
+    handle = last.register_forward_hook(lambda *a: ran.append(1))
+    with torch.no_grad():
+        inputs.collect(blocks[0], layers, lambda n, x: early.setdefault(n, []).append(x.clone()))
+        inputs.collect(blocks[0], {first: layers[first]}, lambda n, x: None)
+    handle.remove()
+    assert full.keys() == early.keys()
+    for n in full:
+        assert len(full[n]) == len(early[n]) == 3 and all(torch.equal(a, b) for a, b in zip(full[n], early[n]))
+    assert len(ran) == 2  # the last linear's own product ran only in the first batch of each pass
