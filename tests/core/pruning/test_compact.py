@@ -189,3 +189,19 @@ def test_rejects_foreign_dirs(tmp_path):
         compact.unpack(tmp_path, tmp_path / "o")
     with pytest.raises(InvalidModelError):
         compact.pack_checkpoint(tmp_path / "empty_does_not_exist", tmp_path / "o2")
+
+
+def test_large_dense_tensors_are_stored_as_compressed_planes_unless_asked_not_to(tmp_path):
+    emb = (torch.randn(512, 64) * 0.02).to(torch.float16)  # an embedding: dense, 32768 elements
+    emb[0, 0] = float("nan")
+    sd = {"embed.weight": emb, "norm.weight": torch.ones(64, dtype=torch.float16)}
+    compact.pack_checkpoint(sd, tmp_path / "c")
+    compact.pack_checkpoint(sd, tmp_path / "raw", compress_dense=False)
+    meta = compact.read_meta(tmp_path / "c")["tensors"]
+    assert meta["embed.weight"]["encoding"] == "dense" and meta["embed.weight"]["values"] == "planes-zstd"
+    assert "values" not in meta["norm.weight"]  # small: as it is
+    assert "values" not in compact.read_meta(tmp_path / "raw")["tensors"]["embed.weight"]
+    assert meta["embed.weight"]["stored_bytes"] < 0.9 * emb.numel() * 2
+    for d in ("c", "raw"):
+        back = compact.unpack_state_dict(tmp_path / d)
+        assert all(_same_bits(back[k], sd[k]) for k in sd)
