@@ -28,7 +28,17 @@ def rss_bytes() -> int:
 
 
 def peak_rss_self_bytes() -> int:
-    """ru_maxrss of this process (kilobytes on Linux) in bytes."""
+    """Peak RSS of this process image (VmHWM), in bytes.
+
+    Not ru_maxrss: Linux carries the parent's resident size at fork over exec into the child's ru_maxrss,
+    so a worker started by a large orchestrator would report at least the orchestrator's size."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 

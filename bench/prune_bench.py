@@ -3,7 +3,7 @@
     python bench/prune_bench.py                       # stories260k (default model)
     python bench/prune_bench.py --model llama100m     # ~110M-param random-init Llama, built here
 
-Every run happens in its own subprocess (peak RSS = that child's ru_maxrss via os.wait4):
+Every run happens in its own subprocess (peak RSS = that child's own VmHWM):
 our engine in this environment (bench/_ours_runner.py), llm-compressor's `oneshot` in its
 own virtualenv (bench/llmc_runner.py), and perplexity for both with the same evaluator on the
 same windows (bench/_eval_runner.py). Both tools get the identical token ids (a .pt file).
@@ -106,7 +106,7 @@ def prepare_tokens(args, model_dir: Path, work: Path) -> dict:
 
 # ----------------------------------------------------------------------------- subprocesses
 def run_worker(python: str, script: Path, spec: dict, work: Path, tag: str, timeout: float) -> dict:
-    """Run one worker in its own process; its peak RSS comes from os.wait4's rusage."""
+    """Run one worker in its own process; its peak RSS is the VmHWM the worker reports (wait4's as fallback)."""
     spec_p, res_p, log_p = work / f"{tag}.spec.json", work / f"{tag}.result.json", work / f"{tag}.log"
     spec_p.write_text(json.dumps(spec, indent=1))
     res_p.unlink(missing_ok=True)
@@ -143,6 +143,9 @@ def run_worker(python: str, script: Path, spec: dict, work: Path, tag: str, time
     }
     if proc.returncode == 0 and res_p.exists():
         out.update(json.loads(res_p.read_text()))
+        # the child's own peak (VmHWM): wait4's ru_maxrss includes this orchestrator's size at fork
+        out["peak_rss_wait4"] = out["peak_rss"]
+        out["peak_rss"] = out.get("peak_rss_self") or out["peak_rss"]
     else:
         tail = log_p.read_text(errors="replace").splitlines()[-15:]
         out["error"] = "\n".join(tail)
