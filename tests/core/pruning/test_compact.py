@@ -205,3 +205,24 @@ def test_large_dense_tensors_are_stored_as_compressed_planes_unless_asked_not_to
     for d in ("c", "raw"):
         back = compact.unpack_state_dict(tmp_path / d)
         assert all(_same_bits(back[k], sd[k]) for k in sd)
+
+
+def test_prune_with_compact_export_round_trips_the_exported_model(tmp_path, stories260k, text_dir):
+    from core.pruning.config import CalibrationConfig, ExportConfig, PruneConfig
+    from core.pruning.run import prune
+
+    cfg = PruneConfig(model=str(stories260k), method="wanda", sparsity=0.5, device="cpu",
+                      calibration=CalibrationConfig(source=str(text_dir / "tinystories-valid.txt"), nsamples=8,
+                                                    seqlen=64),
+                      evaluation=None, export=ExportConfig(compact=True))
+    res = prune(cfg, tmp_path / "out")
+    out = res.out_dir
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert any(f["name"].startswith("compact/") and f["kind"] == "compact" for f in manifest["files"])
+    dense = load_file(str(out / "model.safetensors"))
+    back = compact.unpack_state_dict(out / "compact")
+    assert all(_same_bits(back[k], dense[k]) for k in dense)
+    assert (out / "compact" / "compact-model.safetensors").stat().st_size < 0.6 * (out / "model.safetensors").stat().st_size
+    ids = torch.randint(0, 500, (1, 16))
+    ref = transformers.AutoModelForCausalLM.from_pretrained(out)(ids).logits
+    assert torch.equal(compact.load_compact(out / "compact")(ids).logits, ref)
