@@ -131,7 +131,8 @@ def choose(t: torch.Tensor, allow: tuple[str, ...] = ("2:4", "bitmask")) -> str:
 DENSE_PLANES_MIN = 4096  # smaller dense tensors (norms, biases) are not worth a compressed frame
 
 
-def encode(name: str, t: torch.Tensor, enc: str, compress_dense: bool = True) -> tuple[dict[str, torch.Tensor], str | None]:
+def encode(name: str, t: torch.Tensor, enc: str,
+           compress_dense: bool = True) -> tuple[dict[str, torch.Tensor], str | None]:
     """The stored tensors of one tensor, and how its values are stored (None: a dense tensor as it is)."""
     t = t.detach().cpu().contiguous()
     if enc == "dense":

@@ -88,7 +88,8 @@ class StructureConfig(_Strict):
 class ExportConfig(_Strict):
     save_model: bool = True
     masks: bool = True
-    compact: bool = Field(False, description="also write the compact sparse checkpoint (non-zero values + bitmask or 2:4 positions, exponent bytes compressed)")
+    compact: bool = Field(False, description="also write the compact sparse checkpoint (non-zero values + "
+                                             "bitmask or 2:4 positions, exponent bytes compressed)")
     max_shard_size: str = "2GB"
 
 
