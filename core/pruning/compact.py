@@ -135,12 +135,12 @@ def encode(name: str, t: torch.Tensor, enc: str,
            compress_dense: bool = True) -> tuple[dict[str, torch.Tensor], str | None]:
     """The stored tensors of one tensor, and how its values are stored (None: a dense tensor as it is)."""
     t = t.detach().cpu().contiguous()
+    codec = _values_codec(t)
     if enc == "dense":
-        if compress_dense and t.is_floating_point() and t.numel() >= DENSE_PLANES_MIN \
-                and _values_codec(t) != "raw":
-            return _pack_values(name, t.reshape(-1), _values_codec(t)), _values_codec(t)
+        if compress_dense and t.is_floating_point() and t.numel() >= DENSE_PLANES_MIN and codec != "raw":
+            return _pack_values(name, t.reshape(-1), codec), codec
         return {name: t}, None
-    b, codec = _bits(t), _values_codec(t)
+    b = _bits(t)
     if enc == "bitmask":
         keep = b != 0
         return {**_pack_values(name, b[keep].view(t.dtype), codec), f"{name}.mask": pack_mask(keep)}, codec
@@ -162,7 +162,7 @@ def decode(name: str, info: dict, get: Callable[[str], torch.Tensor]) -> torch.T
         return get(name) if codec == "raw" else _unpack_values(name, codec, dtype, n, get).view(shape)
     if enc == "bitmask":
         keep = unpack_mask(get(f"{name}.mask"), (n,))
-        vals = _unpack_values(name, codec, dtype, int(info["nnz"]) if codec != "raw" else -1, get)
+        vals = _unpack_values(name, codec, dtype, int(info["nnz"]), get)
         out = torch.zeros(n, dtype=_INT[vals.element_size()])
         out[keep] = _bits(vals)
         return out.view(dtype).view(shape)

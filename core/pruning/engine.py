@@ -282,18 +282,23 @@ class SharedStats:
 
 
 def _collect(method: Method, block: nn.Module, layers: dict[str, nn.Module], inputs: BlockInputs,
-             device: torch.device) -> dict[str, Stats | None]:
+             device: torch.device, keep_outputs: bool) -> tuple[dict[str, Stats | None], list[torch.Tensor] | None]:
+    """Statistics of the layers' inputs; with keep_outputs the whole block runs and its outputs come back."""
     collector = SharedStats(method, layers, device)
-    inputs.collect(block, layers, collector.add)
-    return collector.per_layer()
+    outs = None
+    if keep_outputs:
+        with hooked(layers, collector.add):
+            outs = inputs.run(block)
+    else:
+        inputs.collect(block, layers, collector.add)
+    return collector.per_layer(), outs
 
 
 def _share_groups(names: list[str], stats: dict[str, Stats | None], targets: dict[str, Target]) -> list[list[str]]:
     """Layers pruned in one call: same statistic object and same target (q/k/v, gate/up); others alone."""
-    groups: dict[tuple[int, Target], list[str]] = {}
+    groups: dict[tuple[int | str, Target], list[str]] = {}
     for n in names:
-        key = (id(stats[n]), targets[n]) if stats[n] is not None else (id(n), targets[n])
-        groups.setdefault(key, []).append(n)
+        groups.setdefault((id(stats[n]) if stats[n] is not None else n, targets[n]), []).append(n)
     return list(groups.values())
 
 
@@ -341,15 +346,9 @@ def prune_blocks(model: nn.Module, tokens: torch.Tensor, method: Method, *, devi
             for g, group in enumerate(groups):
                 stats: dict[str, Stats | None] = {n: None for n in group}
                 if method.needs_inputs and group:
-                    sub = {n: layers[n] for n in group}
-                    if propagate == "dense" and g == 0:  # the first pass sees the dense block: keep its outputs
-                        collector = SharedStats(method, sub, device)
-                        with hooked(sub, collector.add):
-                            dense_out = inputs.run(block)
-                        stats = collector.per_layer()
-                        del collector
-                    else:
-                        stats = _collect(method, block, sub, inputs, device)
+                    keep = propagate == "dense" and g == 0  # the first pass sees the dense block: keep its outputs
+                    stats, outs = _collect(method, block, {n: layers[n] for n in group}, inputs, device, keep)
+                    dense_out = outs if keep else dense_out
                     _release_freed_memory()  # the pass's temporaries, before pruning allocates its own
                 live = []
                 for n in group:
@@ -368,7 +367,6 @@ def prune_blocks(model: nn.Module, tokens: torch.Tensor, method: Method, *, devi
                     del results
                     _release_freed_memory()  # so that the transients of successive groups do not pile up
                 del stats
-            _release_freed_memory()
             if i == len(blocks) - 1:
                 inputs.hidden = []  # nothing reads the last block's outputs
             elif propagate == "dense":

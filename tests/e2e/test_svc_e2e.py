@@ -176,6 +176,15 @@ def in_prune(j: dict) -> bool:
     return j["status"] == "running" and p.get("stage") == "prune" and (p.get("block") or 0) >= 1
 
 
+def _slow_job_in_prune(c: httpx.Client, st: Stack, method: str) -> str:
+    """Submit a job on the slow model and wait until it is pruning its second block; its id."""
+    body = {"model": str(st.models / "slow"), "method": method, "sparsity": 0.5,  # type: ignore[attr-defined]
+            "calibration": {"texts": _texts(st), "nsamples": 32, "seqlen": 128}}
+    jid = c.post("/v1/pruning-jobs", json=body).json()["id"]
+    wait_for(c, jid, in_prune, st=st)
+    return jid
+
+
 def linear_sparsity(path: Path) -> tuple[float, list]:
     import torch
     from transformers import AutoModelForCausalLM
@@ -231,10 +240,7 @@ def test_job_succeeds_and_every_artifact_verifies(stack: Stack, spec: dict, tmp_
 
 def test_cancel_a_running_job(stack: Stack):
     with stack.client() as c:
-        body = {"model": str(stack.models / "slow"), "method": "wanda", "sparsity": 0.5,  # type: ignore[attr-defined]
-                "calibration": {"texts": _texts(stack), "nsamples": 32, "seqlen": 128}}
-        jid = c.post("/v1/pruning-jobs", json=body).json()["id"]
-        wait_for(c, jid, in_prune, st=stack)
+        jid = _slow_job_in_prune(c, stack, "wanda")
         r = c.post(f"/v1/pruning-jobs/{jid}/cancel")
         assert r.status_code == 200 and r.json()["status"] == "cancelling"
         job = wait_for(c, jid, terminal, timeout=60, st=stack)
@@ -247,10 +253,7 @@ def test_cancel_a_running_job(stack: Stack):
 
 def test_sigkill_worker_mid_job_and_the_next_worker_finishes_it(stack: Stack):
     with stack.client() as c:
-        body = {"model": str(stack.models / "slow"), "method": "magnitude", "sparsity": 0.5,  # type: ignore[attr-defined]
-                "calibration": {"texts": _texts(stack), "nsamples": 32, "seqlen": 128}}
-        jid = c.post("/v1/pruning-jobs", json=body).json()["id"]
-        wait_for(c, jid, in_prune, st=stack)
+        jid = _slow_job_in_prune(c, stack, "magnitude")
         victim = stack.workers[-1]
         _kill(victim, signal.SIGKILL)  # the whole worker: main process and its child
         stack.start_worker(via_cli=True)
