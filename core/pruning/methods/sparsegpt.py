@@ -7,6 +7,7 @@ import logging
 import torch
 
 from core.pruning.errors import NumericalError
+from core.pruning.exact_products import exact_fp32_products
 from core.pruning.methods.base import Method, Pruned, Stats, Target, tokens_first
 
 log = logging.getLogger(__name__)
@@ -28,12 +29,15 @@ class Hessian(Stats):
     def add_batch(self, x: torch.Tensor) -> None:
         assert self.H is not None, "statistics already consumed"
         b = x.shape[0] if x.dim() > 2 else 1
+        source = x.dtype
         x = tokens_first(x)
         self.H.mul_(self.n / (self.n + b))
         self.n += b
-        # the stripes H[a:b, a:] cover the upper triangle with ~5/8 of a full XᵀX's multiply-adds
-        for a0, a1 in zip(self._edges, self._edges[1:]):
-            self.H[a0:a1, a0:].addmm_(x[:, a0:a1].t(), x[:, a0:], alpha=2 / self.n)
+        # the stripes H[a:b, a:] cover the upper triangle with ~5/8 of a full XᵀX's multiply-adds;
+        # bf16 activations (a bf16 model) are multiplied on bf16 units, exactly, with float32 sums
+        with exact_fp32_products(source, x.device):
+            for a0, a1 in zip(self._edges, self._edges[1:]):
+                self.H[a0:a1, a0:].addmm_(x[:, a0:a1].t(), x[:, a0:], alpha=2 / self.n)
 
     @property
     def matrix(self) -> torch.Tensor:

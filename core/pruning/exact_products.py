@@ -1,0 +1,55 @@
+"""Float32 products of activations that a narrower format already holds exactly, on faster units.
+
+A bfloat16 model's activations are bfloat16 values: rounding them to bfloat16 again changes nothing, and the
+product of two such numbers (8-bit significands) is exact in float32. So XᵀX of those inputs may run on
+bfloat16 matrix units (AMX, AVX512-BF16) or TF32 tensor cores (10-bit significands, which also hold float16
+values) with float32 accumulation, and differ from a float32 product only in summation order. For any other
+input (a float32 model) nothing changes: its products stay full float32."""
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import torch
+
+
+def _cpu_has_bf16_units() -> bool:
+    """AMX tiles or AVX512-BF16 dot products; without them oneDNN emulates bf16 and is slower than sgemm."""
+    for probe in ("_is_amx_tile_supported", "_is_avx512_bf16_supported"):
+        fn = getattr(torch.cpu, probe, None)
+        if fn is not None and fn():
+            return True
+    return False
+
+
+def reduced_mode(source: torch.dtype, device: torch.device) -> tuple[Any, str] | None:
+    """(backend flags, precision) under which float32 products of `source`-valued inputs stay exact and run
+    faster on `device`; None where no such mode exists."""
+    if device.type == "cuda" and source in (torch.bfloat16, torch.float16):
+        return torch.backends.cuda.matmul, "tf32"
+    if (device.type == "cpu" and source == torch.bfloat16 and torch.backends.mkldnn.is_available()
+            and _cpu_has_bf16_units()):
+        return torch.backends.mkldnn.matmul, "bf16"
+    return None
+
+
+@contextmanager
+def exact_fp32_products(source: torch.dtype, device: torch.device) -> Iterator[bool]:
+    """Within the block, float32 matmuls on `device` may use the reduced mode that is exact for inputs of
+    dtype `source`; yields whether it is on. The flag is process-wide, so keep the block to the products."""
+    mode = reduced_mode(source, device)
+    if mode is None:
+        yield False
+        return
+    flags, precision = mode
+    try:
+        before = flags.fp32_precision
+        flags.fp32_precision = precision
+    except (AttributeError, RuntimeError):  # an older torch, or precision set through the legacy API
+        yield False
+        return
+    try:
+        yield True
+    finally:
+        flags.fp32_precision = before
