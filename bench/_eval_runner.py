@@ -56,7 +56,9 @@ def main() -> None:
     clock.lap("import")
     rss_imports = C.rss_bytes()
 
-    model = transformers.AutoModelForCausalLM.from_pretrained(spec["model"], dtype=torch.float32)
+    model = transformers.AutoModelForCausalLM.from_pretrained(
+        spec["model"], dtype=getattr(torch, spec.get("dtype", "float32"))
+    )
     model.eval()
     if spec.get("weights"):
         from safetensors.torch import load_model

@@ -3,7 +3,8 @@
     python bench/_ours_runner.py SPEC.json RESULT.json
 
 SPEC keys: model (dir), tokens (.pt int64 [nsamples, seqlen]), method, sparsity (float or
-null), pattern (null or "N:M"), threads, out_dir, extra (dict of further PruneConfig fields).
+null), pattern (null or "N:M"), threads, dtype (default float32), out_dir, extra (dict of
+further PruneConfig fields).
 
 No evaluation inside the run (perplexity is measured afterwards by `_eval_runner.py`, with the
 same code for both tools), so the peak RSS is that of loading + calibration + pruning + export.
@@ -47,7 +48,7 @@ def main() -> None:
         sparsity=spec.get("sparsity"),
         pattern=spec.get("pattern"),
         device="cpu",
-        dtype="float32",
+        dtype=spec.get("dtype", "float32"),
         calibration=CalibrationConfig(source=str(spec["tokens"]), nsamples=ns, seqlen=sl, seed=0),
         evaluation=None,
         export=ExportConfig(save_model=True, masks=False),

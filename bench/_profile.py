@@ -1,6 +1,6 @@
 """Profile one run of our engine with cProfile (main environment).
 
-    python bench/_profile.py MODEL_DIR TOKENS.pt METHOD PATTERN [THREADS]
+    python bench/_profile.py MODEL_DIR TOKENS.pt METHOD PATTERN [THREADS [DTYPE]]
 
 PATTERN is an unstructured sparsity (0.5) or N:M (2:4). Prints the engine functions that take the
 time (cumulative and own), the engine's stage timings and the RSS peak.
@@ -26,6 +26,7 @@ import _common as C
 def main() -> None:
     model, tokens, method, pattern = sys.argv[1:5]
     threads = int(sys.argv[5]) if len(sys.argv) > 5 else 2
+    dtype = sys.argv[6] if len(sys.argv) > 6 else "float32"
     C.set_threads(threads)
     from core.pruning.config import CalibrationConfig, ExportConfig, PruneConfig
     from core.pruning.run import prune
@@ -34,7 +35,7 @@ def main() -> None:
     nm = ":" in pattern
     cfg = PruneConfig(
         model=model, method=method, sparsity=None if nm else float(pattern), pattern=pattern if nm else None,
-        device="cpu", dtype="float32",
+        device="cpu", dtype=dtype,
         calibration=CalibrationConfig(source=tokens, nsamples=t.shape[0], seqlen=t.shape[1]),
         evaluation=None, export=ExportConfig(save_model=False, masks=False),
     )

@@ -6,8 +6,8 @@ Runs inside the llm-compressor virtualenv (see bench/README.md), as a subprocess
     .venv-llmc/bin/python bench/llmc_runner.py SPEC.json RESULT.json
 
 SPEC keys: model (dir), tokens (.pt int64 [nsamples, seqlen]), method (sparsegpt|wanda),
-sparsity (float), mask_structure ("0:0" or "N:M"), threads, batch_size, save (path of a
-safetensors file for the pruned weights, or null).
+sparsity (float), mask_structure ("0:0" or "N:M"), threads, dtype (default float32),
+batch_size, save (path of a safetensors file for the pruned weights, or null).
 
 The timed section is the `oneshot(...)` call alone, given the already loaded model and the
 already tokenised calibration windows; loading and saving are timed separately.
@@ -39,7 +39,9 @@ def main() -> None:
     C.set_threads(int(spec["threads"]))
     clock.lap("import")
 
-    model = transformers.AutoModelForCausalLM.from_pretrained(spec["model"], dtype=torch.float32)
+    model = transformers.AutoModelForCausalLM.from_pretrained(
+        spec["model"], dtype=getattr(torch, spec.get("dtype", "float32"))
+    )
     model.eval()
     tokens = C.load_tokens(spec["tokens"])
     ns, sl = tokens.shape

@@ -220,6 +220,8 @@ def parse_args(argv=None):
     p.add_argument("--eval-batch", type=int, default=8)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=2, help="torch.set_num_threads for every run, both tools")
+    p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"),
+                   help="dtype the model is loaded in, by both tools and by the evaluator")
     p.add_argument("--methods", default="magnitude,wanda,sparsegpt")
     p.add_argument("--patterns", default="0.5,2:4", help="comma list: unstructured sparsities and/or N:M patterns")
     p.add_argument("--llmc-python", default=str(DEFAULT_LLMC_PY), help="python of the llm-compressor virtualenv")
@@ -251,7 +253,7 @@ def main(argv=None) -> int:
         model_dir = build_llama100m(work / "llama100m", DEFAULT_MODEL)
     else:
         model_dir = Path(args.model).resolve()
-    mtag = model_dir.name
+    mtag = model_dir.name if args.dtype == "float32" else f"{model_dir.name}-{args.dtype}"
     work = work / mtag
     work.mkdir(parents=True, exist_ok=True)
 
@@ -261,8 +263,9 @@ def main(argv=None) -> int:
         llmc = False
 
     data = prepare_tokens(args, model_dir, work)
-    print(f"model {model_dir}  calibration {data['calib_shape']}  eval windows {data['eval_shape']}  threads {args.threads}", flush=True)
-    common = {"threads": args.threads, "model": str(model_dir)}
+    print(f"model {model_dir}  dtype {args.dtype}  calibration {data['calib_shape']}  eval windows {data['eval_shape']}  "
+          f"threads {args.threads}", flush=True)
+    common = {"threads": args.threads, "model": str(model_dir), "dtype": args.dtype}
 
     base = run_worker(py, HERE / "_eval_runner.py", {**common, "mode": "baseline"}, work, "baseline", args.timeout)
     if base.get("error"):
@@ -340,7 +343,8 @@ def rereport(args) -> int:
         work = Path(args.workdir).resolve()
         work.mkdir(parents=True, exist_ok=True)
         base = run_worker(sys.executable, HERE / "_eval_runner.py",
-                          {"threads": saved["args"]["threads"], "model": str(model_dir), "mode": "baseline"},
+                          {"threads": saved["args"]["threads"], "model": str(model_dir), "mode": "baseline",
+                           "dtype": saved["args"].get("dtype", "float32")},
                           work, f"baseline_{model_dir.name}", args.timeout)
         if base.get("error"):
             print(base["error"])
@@ -348,6 +352,7 @@ def rereport(args) -> int:
     for k in ("repeat", "show_attempts"):
         setattr(args, k, saved["args"].get(k, getattr(args, k)))
     args.threads = saved["args"]["threads"]
+    args.dtype = saved["args"].get("dtype", "float32")
     report(args, model_dir.name, saved["data"], base, saved["dense"], saved["results"])
     return 0
 
@@ -392,7 +397,7 @@ def report(args, mtag: str, data: dict, base: dict, dense: dict, results: list[d
     ]
     print()
     print_table(
-        f"{mtag}: calibration {ns}x{sl} tokens, eval {data['eval_shape'][0]}x{data['eval_shape'][1]}, "
+        f"{mtag}: {args.dtype}, calibration {ns}x{sl} tokens, eval {data['eval_shape'][0]}x{data['eval_shape'][1]}, "
         f"torch threads {args.threads}, fastest of {args.repeat}",
         headers, rows,
     )
