@@ -134,7 +134,7 @@ def set_weight(layer: nn.Module, w: torch.Tensor) -> None:
     """Write a [out, in] weight back in the layer's own layout and dtype."""
     target = layer.weight.data
     src = w if isinstance(layer, nn.Linear) else w.t()
-    target.copy_(src.to(target.dtype))
+    target.copy_(src)  # converts to the layer's dtype in the same pass
 
 
 def in_features(layer: nn.Module) -> int:

@@ -6,6 +6,7 @@ import logging
 
 import torch
 
+from core.pruning import patterns
 from core.pruning.errors import NumericalError
 from core.pruning.exact_products import exact_fp32_products
 from core.pruning.methods.base import Method, Pruned, Stats, Target, tokens_first
@@ -140,7 +141,7 @@ def sweep(Wt: torch.Tensor, U: torch.Tensor, target: Target, blocksize: int, seg
                 s = score[:, r0 : r0 + r]
                 k = int(s.numel() * target.sparsity)
                 if k:  # a k-th value threshold, as the reference; cheaper than a top-k of half the block
-                    drop[:, r0 : r0 + r].masked_fill_(s <= s.flatten().kthvalue(k).values, 1.0)
+                    drop[:, r0 : r0 + r].masked_fill_(s <= patterns.kth_smallest(s.reshape(1, -1), k), 1.0)
                 r0 += r
             del score
         Err1 = torch.empty_like(W1)

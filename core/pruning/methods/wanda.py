@@ -16,10 +16,11 @@ class InputNorms(Stats):
 
     def add_batch(self, x: torch.Tensor) -> None:
         b = x.shape[0] if x.dim() > 2 else 1
-        x = tokens_first(x)
+        xf = tokens_first(x)
+        squares = xf.square() if xf.data_ptr() == x.data_ptr() else xf.square_()  # in place when a copy
         self.sq.mul_(self.n / (self.n + b))
         self.n += b
-        self.sq.add_(x.pow(2).sum(0) / self.n)
+        self.sq.add_(squares.sum(0).div_(self.n))
 
 
 class Wanda(Method):

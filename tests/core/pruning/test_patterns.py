@@ -69,3 +69,21 @@ def test_lowest_overall_removes_exactly_k_with_one_threshold():
     mask = patterns.lowest_overall(score, 0.5)
     assert mask.sum() == 4
     assert torch.equal(mask, torch.tensor([[True, True, True, False], [False, False, False, True]]))
+
+
+def test_nm_mask_breaks_ties_like_a_stable_sort():
+    g = torch.Generator().manual_seed(0)
+    for n, m in [(2, 4), (4, 8), (3, 5), (2, 16)]:
+        score = torch.randint(0, 3, (32, 4 * m), generator=g).float()  # many ties
+        mask = patterns.nm_mask(score, n, m)
+        groups = score.reshape(32, -1, m)
+        order = torch.sort(groups, dim=-1, stable=True).indices[..., : m - n]
+        expected = torch.zeros_like(groups, dtype=torch.bool).scatter_(-1, order, True).reshape(32, -1)
+        assert torch.equal(mask, expected), (n, m)
+
+
+def test_kth_smallest_equals_torch_kthvalue():
+    g = torch.Generator().manual_seed(0)
+    for score in (torch.rand(9, 31, generator=g), torch.randint(0, 5, (9, 31), generator=g).float()):
+        for k in (1, 7, 31):
+            assert torch.equal(patterns.kth_smallest(score, k), score.kthvalue(k, dim=1, keepdim=True).values)
