@@ -36,8 +36,9 @@ MEM_FACTOR = 1.5
 
 
 # ----------------------------------------------------------------------------- model + data
-def build_llama100m(dst: Path, tokenizer_dir: Path, seed: int = 0) -> Path:
-    """A Llama-shaped model, random init: hidden 768, 12 layers, 12 heads, MLP 2048, vocab 32000."""
+def build_llama100m(dst: Path, tokenizer_dir: Path, seed: int = 0, dtype: str = "float32") -> Path:
+    """A Llama-shaped model, random init: hidden 768, 12 layers, 12 heads, MLP 2048, vocab 32000, saved in
+    `dtype` (the same random weights, rounded), so that loading it converts nothing, as with a real checkpoint."""
     if (dst / "config.json").exists() and any(dst.glob("*.safetensors")):
         return dst
     import torch
@@ -56,7 +57,7 @@ def build_llama100m(dst: Path, tokenizer_dir: Path, seed: int = 0) -> Path:
         bos_token_id=1,
         eos_token_id=2,
     )
-    model = LlamaForCausalLM(cfg).float()
+    model = LlamaForCausalLM(cfg).float().to(getattr(torch, dtype))
     tmp = dst.with_name(dst.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     model.save_pretrained(tmp, safe_serialization=True)
@@ -250,10 +251,12 @@ def main(argv=None) -> int:
 
     if args.model == "llama100m":
         print("building / reusing the random-init ~110M Llama ...", flush=True)
-        model_dir = build_llama100m(work / "llama100m", DEFAULT_MODEL)
+        name = "llama100m" if args.dtype == "float32" else f"llama100m-{args.dtype}"
+        model_dir = build_llama100m(work / name, DEFAULT_MODEL, dtype=args.dtype)
     else:
         model_dir = Path(args.model).resolve()
-    mtag = model_dir.name if args.dtype == "float32" else f"{model_dir.name}-{args.dtype}"
+    suffix = "" if args.dtype == "float32" or model_dir.name.endswith(args.dtype) else f"-{args.dtype}"
+    mtag = model_dir.name + suffix
     work = work / mtag
     work.mkdir(parents=True, exist_ok=True)
 
