@@ -294,8 +294,12 @@ def _collect(method: Method, block: nn.Module, layers: dict[str, nn.Module], inp
     return collector.per_layer(), outs
 
 
-def _share_groups(names: list[str], stats: dict[str, Stats | None], targets: dict[str, Target]) -> list[list[str]]:
-    """Layers pruned in one call: same statistic object and same target (q/k/v, gate/up); others alone."""
+def _share_groups(names: list[str], stats: dict[str, Stats | None], targets: dict[str, Target],
+                  alone: bool = False) -> list[list[str]]:
+    """Layers pruned in one call: same statistic object and same target (q/k/v, gate/up); others alone.
+    With `alone` every layer is its own call (nothing to gain from stacking, and less held at once)."""
+    if alone:
+        return [[n] for n in names]
     groups: dict[tuple[int | str, Target], list[str]] = {}
     for n in names:
         groups.setdefault((id(stats[n]) if stats[n] is not None else n, targets[n]), []).append(n)
@@ -357,8 +361,9 @@ def prune_blocks(model: nn.Module, tokens: torch.Tensor, method: Method, *, devi
                         skipped.append(f"{prefix}.{i}.{n}")
                     else:
                         live.append(n)
-                for names in _share_groups(live, stats, targets):
-                    ws = [models.get_weight(layers[n]).to(device, torch.float32, copy=True,
+                for names in _share_groups(live, stats, targets, method.masks_only):
+                    ws = [models.get_weight(layers[n]) if method.masks_only else
+                          models.get_weight(layers[n]).to(device, torch.float32, copy=True,
                                                           memory_format=torch.contiguous_format) for n in names]
                     results = method.prune_many(ws, stats[names[0]], targets[names[0]])
                     del ws

@@ -134,6 +134,8 @@ def set_weight(layer: nn.Module, w: torch.Tensor) -> None:
     """Write a [out, in] weight back in the layer's own layout and dtype."""
     target = layer.weight.data
     src = w if isinstance(layer, nn.Linear) else w.t()
+    if src.data_ptr() == target.data_ptr() and src.stride() == target.stride():
+        return  # already pruned in place (masks_only methods)
     target.copy_(src)  # converts to the layer's dtype in the same pass
 
 

@@ -1,8 +1,20 @@
 """Sparsity patterns as boolean masks over a score matrix S [out, in]; True marks a weight to remove."""
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 import numpy as np
 import torch
+
+ROW_CHUNK_ELEMENTS = 1 << 18  # per-row selections score this many weights at a time (1 MB of float32)
+
+
+def row_chunks(rows: int, cols: int) -> Iterator[slice]:
+    """Slices of whole rows, ~ROW_CHUNK_ELEMENTS each: a per-row selection never needs a float32 score of the
+    whole layer (180 MB for a 7B model's down_proj), only of a few rows at a time."""
+    step = max(1, ROW_CHUNK_ELEMENTS // max(cols, 1))
+    for r0 in range(0, rows, step):
+        yield slice(r0, min(r0 + step, rows))
 
 
 def lowest_per_row(score: torch.Tensor, sparsity: float) -> torch.Tensor:

@@ -19,7 +19,7 @@ class Target:
 
 @dataclass
 class Pruned:
-    weight: torch.Tensor  # [out, in], float32, zeros where pruned
+    weight: torch.Tensor  # [out, in], zeros where pruned: float32, or the layer's own weight (masks_only)
     mask: torch.Tensor  # bool [out, in], True = removed
     info: dict[str, Any] = field(default_factory=dict)
 
@@ -34,6 +34,9 @@ class Stats:
 class Method:
     name: ClassVar[str]
     needs_inputs: ClassVar[bool] = True
+    # Only chooses which weights to remove, never updates the rest: prune() then gets the layer's own weight
+    # (a view, in the model's dtype) and zeroes it in place, with no float32 copy to make and write back.
+    masks_only: ClassVar[bool] = False
 
     def __init_subclass__(cls, **kw: Any) -> None:
         super().__init_subclass__(**kw)
@@ -47,7 +50,8 @@ class Method:
         return None
 
     def prune(self, w: torch.Tensor, stats: Stats | None, target: Target) -> Pruned:  # pragma: no cover
-        """w is [out, in] float32, the method's own copy: it may be pruned in place and returned."""
+        """w is [out, in]: a float32 copy the method may update and return, or, for masks_only methods, the
+        layer's own weight, in which the removed entries are zeroed in place."""
         raise NotImplementedError
 
     def prune_many(self, ws: list[torch.Tensor], stats: Stats | None, target: Target) -> list[Pruned]:

@@ -10,13 +10,15 @@ from core.pruning.methods.base import Method, Pruned, Stats, Target
 class Magnitude(Method):
     name = "magnitude"
     needs_inputs = False
+    masks_only = True
 
     def prune(self, w: torch.Tensor, stats: Stats | None, target: Target) -> Pruned:
-        score = w.abs()
-        if target.nm is not None:
-            mask = patterns.nm_mask(score, *target.nm)
-        elif self.config.magnitude_scope == "row":
-            mask = patterns.lowest_per_row(score, target.sparsity)
-        else:
-            mask = patterns.lowest_overall(score, target.sparsity)
+        if target.nm is None and self.config.magnitude_scope != "row":  # one threshold for the whole matrix
+            mask = patterns.lowest_overall(w.to(torch.float32, copy=True).abs_(), target.sparsity)
+        else:  # per-row selections: a few rows at a time
+            mask = torch.empty(w.shape, dtype=torch.bool, device=w.device)
+            for rows in patterns.row_chunks(*w.shape):
+                s = w[rows].to(torch.float32, copy=True).abs_()
+                mask[rows] = (patterns.nm_mask(s, *target.nm) if target.nm is not None
+                              else patterns.lowest_per_row(s, target.sparsity))
         return Pruned(w.masked_fill_(mask, 0), mask)

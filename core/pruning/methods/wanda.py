@@ -25,21 +25,27 @@ class InputNorms(Stats):
 
 class Wanda(Method):
     name = "wanda"
+    masks_only = True
 
     def stats(self, in_features: int, device: torch.device) -> Stats:
         return InputNorms(in_features, device)
 
     def prune(self, w: torch.Tensor, stats: Stats | None, target: Target) -> Pruned:
         assert isinstance(stats, InputNorms)
-        score = w.abs() * stats.sq.sqrt().unsqueeze(0)  # S = |W| · ‖X_j‖
+        norms = stats.sq.sqrt()
+
+        def score(rows: slice) -> torch.Tensor:  # S = |W| · ‖X_j‖, in float32
+            return w[rows].to(torch.float32, copy=True).abs_().mul_(norms)
+
         info = {}
-        if target.nm is not None:
-            mask = patterns.nm_mask(score, *target.nm)
-        elif self.config.wanda_alpha_search:
-            mask, alpha = cumulative_mask(score, target.sparsity)
-            info["alpha"] = alpha
-        else:
-            mask = patterns.lowest_per_row(score, target.sparsity)
+        if target.nm is None and self.config.wanda_alpha_search:  # α is bisected over the whole layer
+            mask, info["alpha"] = cumulative_mask(score(slice(None)), target.sparsity)
+        else:  # rows compete only within themselves: a few rows at a time
+            mask = torch.empty(w.shape, dtype=torch.bool, device=w.device)
+            for rows in patterns.row_chunks(*w.shape):
+                s = score(rows)
+                mask[rows] = (patterns.nm_mask(s, *target.nm) if target.nm is not None
+                              else patterns.lowest_per_row(s, target.sparsity))
         return Pruned(w.masked_fill_(mask, 0), mask, info)
 
 
