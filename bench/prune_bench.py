@@ -266,8 +266,8 @@ def main(argv=None) -> int:
         llmc = False
 
     data = prepare_tokens(args, model_dir, work)
-    print(f"model {model_dir}  dtype {args.dtype}  calibration {data['calib_shape']}  eval windows {data['eval_shape']}  "
-          f"threads {args.threads}", flush=True)
+    print(f"model {model_dir}  dtype {args.dtype}  calibration {data['calib_shape']}  "
+          f"eval windows {data['eval_shape']}  threads {args.threads}", flush=True)
     common = {"threads": args.threads, "model": str(model_dir), "dtype": args.dtype}
 
     base = run_worker(py, HERE / "_eval_runner.py", {**common, "mode": "baseline"}, work, "baseline", args.timeout)
