@@ -9,11 +9,13 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import contextmanager
+from functools import cache
 from typing import Any
 
 import torch
 
 
+@cache
 def _cpu_has_bf16_units() -> bool:
     """AMX tiles or AVX512-BF16 dot products; without them oneDNN emulates bf16 and is slower than sgemm."""
     for probe in ("_is_amx_tile_supported", "_is_avx512_bf16_supported"):
