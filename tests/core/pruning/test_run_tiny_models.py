@@ -115,12 +115,25 @@ def test_exclude_and_overrides_by_regex(tiny_model, tmp_path):
     assert torch.equal(dense["0.mlp.up_proj"], after["0.mlp.up_proj"])
 
 
-def test_dtype_bfloat16_is_kept_in_the_export(tiny_model, tmp_path):
-    res = prune(config(tiny_model("llama"), "sparsegpt", "2:4", dtype="bfloat16"), tmp_path / "o")
+@pytest.mark.parametrize("arch,method,pattern", [("llama", "sparsegpt", "2:4"), ("llama", "wanda", "0.5"),
+                                                 ("gpt2", "wanda", "2:4"), ("gpt2", "magnitude", "0.5")])
+def test_dtype_bfloat16_is_kept_in_the_export(tiny_model, tmp_path, arch, method, pattern):
+    # Wanda and magnitude zero the bf16 weights in place (GPT-2's Conv1D through a transposed view)
+    res = prune(config(tiny_model(arch), method, pattern, dtype="bfloat16"), tmp_path / "o")
     assert res.metrics["model"]["dtype"] == "bfloat16"
-    m = reload(tmp_path / "o")
-    w = pruned_weights(m)["0.mlp.down_proj"]
-    assert w.dtype == torch.bfloat16 and patterns.satisfies_nm(w, 2, 4)
+    for name, w in pruned_weights(reload(tmp_path / "o")).items():
+        assert w.dtype == torch.bfloat16
+        if ":" in pattern:
+            assert patterns.satisfies_nm(w, 2, 4), name
+        else:
+            assert patterns.sparsity(w) == pytest.approx(0.5, abs=0.02), name
+    from safetensors.torch import load_file
+
+    state = load_file(tmp_path / "o" / "model.safetensors")
+    with safe_open(tmp_path / "o" / "masks.safetensors", "pt") as f:
+        shapes = json.loads(f.metadata()["shapes"])
+        for name in f.keys():  # the masks say exactly which weights are zero
+            assert torch.equal(unpack_mask(f.get_tensor(name), shapes[name]), state[name] != 0), name
 
 
 def test_progress_per_block_and_cooperative_stop(tiny_model, tmp_path):
