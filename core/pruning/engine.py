@@ -306,6 +306,12 @@ def _share_groups(names: list[str], stats: dict[str, Stats | None], targets: dic
     return list(groups.values())
 
 
+def _weight_to_prune(layer: nn.Module, method: Method, device: torch.device) -> torch.Tensor:
+    """[out, in]: the layer's own weight for methods that only mask it, else a float32 copy to update."""
+    w = models.get_weight(layer)
+    return w if method.masks_only else w.to(device, torch.float32, copy=True, memory_format=torch.contiguous_format)
+
+
 def _write_back(layer: nn.Module, res: Pruned, name: str, t: Target, masks: dict[str, torch.Tensor],
                 shapes: dict[str, list[int]]) -> LayerReport:
     """Store the pruned weight in the layer, its packed mask, and report what was achieved."""
@@ -362,9 +368,7 @@ def prune_blocks(model: nn.Module, tokens: torch.Tensor, method: Method, *, devi
                     else:
                         live.append(n)
                 for names in _share_groups(live, stats, targets, method.masks_only):
-                    ws = [models.get_weight(layers[n]) if method.masks_only else
-                          models.get_weight(layers[n]).to(device, torch.float32, copy=True,
-                                                          memory_format=torch.contiguous_format) for n in names]
+                    ws = [_weight_to_prune(layers[n], method, device) for n in names]
                     results = method.prune_many(ws, stats[names[0]], targets[names[0]])
                     del ws
                     reports.extend(_write_back(layers[n], r, f"{prefix}.{i}.{n}", targets[n], masks, shapes)

@@ -1,7 +1,7 @@
 """Sparsity patterns as boolean masks over a score matrix S [out, in]; True marks a weight to remove."""
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import numpy as np
 import torch
@@ -15,6 +15,17 @@ def row_chunks(rows: int, cols: int) -> Iterator[slice]:
     step = max(1, ROW_CHUNK_ELEMENTS // max(cols, 1))
     for r0 in range(0, rows, step):
         yield slice(r0, min(r0 + step, rows))
+
+
+def per_row_mask(score_rows: Callable[[slice], torch.Tensor], shape: torch.Size, device: torch.device,
+                 sparsity: float, nm: tuple[int, int] | None) -> torch.Tensor:
+    """The removal mask of a selection in which rows compete only within themselves (N:M, or the lowest
+    int(in·p) of each row), from scores made a few rows at a time by score_rows(rows)."""
+    mask = torch.empty(shape, dtype=torch.bool, device=device)
+    for rows in row_chunks(*shape):
+        s = score_rows(rows)
+        mask[rows] = nm_mask(s, *nm) if nm is not None else lowest_per_row(s, sparsity)
+    return mask
 
 
 def lowest_per_row(score: torch.Tensor, sparsity: float) -> torch.Tensor:

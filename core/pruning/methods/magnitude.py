@@ -15,10 +15,7 @@ class Magnitude(Method):
     def prune(self, w: torch.Tensor, stats: Stats | None, target: Target) -> Pruned:
         if target.nm is None and self.config.magnitude_scope != "row":  # one threshold for the whole matrix
             mask = patterns.lowest_overall(w.to(torch.float32, copy=True).abs_(), target.sparsity)
-        else:  # per-row selections: a few rows at a time
-            mask = torch.empty(w.shape, dtype=torch.bool, device=w.device)
-            for rows in patterns.row_chunks(*w.shape):
-                s = w[rows].to(torch.float32, copy=True).abs_()
-                mask[rows] = (patterns.nm_mask(s, *target.nm) if target.nm is not None
-                              else patterns.lowest_per_row(s, target.sparsity))
+        else:
+            mask = patterns.per_row_mask(lambda rows: w[rows].to(torch.float32, copy=True).abs_(), w.shape,
+                                         w.device, target.sparsity, target.nm)
         return Pruned(w.masked_fill_(mask, 0), mask)

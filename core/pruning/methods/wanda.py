@@ -40,12 +40,8 @@ class Wanda(Method):
         info = {}
         if target.nm is None and self.config.wanda_alpha_search:  # α is bisected over the whole layer
             mask, info["alpha"] = cumulative_mask(score(slice(None)), target.sparsity)
-        else:  # rows compete only within themselves: a few rows at a time
-            mask = torch.empty(w.shape, dtype=torch.bool, device=w.device)
-            for rows in patterns.row_chunks(*w.shape):
-                s = score(rows)
-                mask[rows] = (patterns.nm_mask(s, *target.nm) if target.nm is not None
-                              else patterns.lowest_per_row(s, target.sparsity))
+        else:
+            mask = patterns.per_row_mask(score, w.shape, w.device, target.sparsity, target.nm)
         return Pruned(w.masked_fill_(mask, 0), mask, info)
 
 
