@@ -15,7 +15,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from core.pruning import models
+from core.pruning import models, patterns
 from core.pruning.errors import Cancelled, InvalidModelError
 from core.pruning.masks import pack_mask
 from core.pruning.methods import Method, Pruned, Stats, Target
@@ -307,9 +307,10 @@ def _share_groups(names: list[str], stats: dict[str, Stats | None], targets: dic
 
 
 def _weight_to_prune(layer: nn.Module, method: Method, device: torch.device) -> torch.Tensor:
-    """[out, in]: the layer's own weight for methods that only mask it, else a float32 copy to update."""
+    """[out, in]: the layer's own weight for methods that only mask it or copy it themselves, else a float32
+    copy to update."""
     w = models.get_weight(layer)
-    return w if method.masks_only else w.to(device, torch.float32, copy=True, memory_format=torch.contiguous_format)
+    return w if method.masks_only or method.copies_weights else w.to(device, torch.float32, copy=True, memory_format=torch.contiguous_format)
 
 
 def _write_back(layer: nn.Module, res: Pruned, name: str, t: Target, masks: dict[str, torch.Tensor],
@@ -320,7 +321,7 @@ def _write_back(layer: nn.Module, res: Pruned, name: str, t: Target, masks: dict
     masks[f"{name}.weight"], shapes[f"{name}.weight"] = pack_mask(~stored.cpu()), list(stored.shape)
     return LayerReport(name=name, shape=tuple(res.weight.shape), target=t.sparsity,
                        pattern=f"{t.nm[0]}:{t.nm[1]}" if t.nm else None,
-                       sparsity=float((models.get_weight(layer) == 0).sum()) / res.weight.numel(), info=res.info)
+                       sparsity=patterns.sparsity(models.get_weight(layer)), info=res.info)
 
 
 def prune_blocks(model: nn.Module, tokens: torch.Tensor, method: Method, *, device: torch.device,
@@ -374,6 +375,8 @@ def prune_blocks(model: nn.Module, tokens: torch.Tensor, method: Method, *, devi
                     reports.extend(_write_back(layers[n], r, f"{prefix}.{i}.{n}", targets[n], masks, shapes)
                                    for n, r in zip(names, results))
                     del results
+                    for n in names:  # a statistic (and its factorisation) goes once its last layer is pruned
+                        stats[n] = None
                     _release_freed_memory()  # so that the transients of successive groups do not pile up
                 del stats
             if i == len(blocks) - 1:

@@ -16,13 +16,23 @@ import torch
 
 
 @cache
-def _cpu_has_bf16_units() -> bool:
-    """AMX tiles or AVX512-BF16 dot products; without them oneDNN emulates bf16 and is slower than sgemm."""
-    for probe in ("_is_amx_tile_supported", "_is_avx512_bf16_supported"):
-        fn = getattr(torch.cpu, probe, None)
-        if fn is not None and fn():
-            return True
-    return False
+def _cpu_bf16_mode_works() -> bool:
+    """oneDNN honours fp32_precision "bf16" here: AMX tiles or AVX512-BF16 dot products, and a product that
+    shows the rounding. Seen with torch 2.13: AVX512-BF16 without AMX keeps full float32 products under the
+    flag, so the flag buys nothing there (and without either unit oneDNN emulates bf16, slower than sgemm)."""
+    if not any(getattr(torch.cpu, p, lambda: False)() for p in ("_is_amx_tile_supported", "_is_avx512_bf16_supported")):
+        return False
+    flags = torch.backends.mkldnn.matmul
+    try:
+        before = flags.fp32_precision
+        flags.fp32_precision = "bf16"
+    except (AttributeError, RuntimeError):
+        return False
+    try:
+        a = torch.full((256, 256), 1 + 2**-12)  # not a bf16 value: rounded, it is 1 and a @ a is exactly 256
+        return bool((a @ a)[0, 0] == 256)
+    finally:
+        flags.fp32_precision = before
 
 
 def reduced_mode(source: torch.dtype, device: torch.device) -> tuple[Any, str] | None:
@@ -31,7 +41,7 @@ def reduced_mode(source: torch.dtype, device: torch.device) -> tuple[Any, str] |
     if device.type == "cuda" and source in (torch.bfloat16, torch.float16):
         return torch.backends.cuda.matmul, "tf32"
     if (device.type == "cpu" and source == torch.bfloat16 and torch.backends.mkldnn.is_available()
-            and _cpu_has_bf16_units()):
+            and _cpu_bf16_mode_works()):
         return torch.backends.mkldnn.matmul, "bf16"
     return None
 

@@ -6,7 +6,7 @@ import torch
 
 
 def pack_mask(keep: torch.Tensor) -> torch.Tensor:
-    return torch.from_numpy(np.packbits(keep.reshape(-1).numpy().astype(bool), bitorder="little"))
+    return torch.from_numpy(np.packbits(keep.reshape(-1).numpy().astype(bool, copy=False), bitorder="little"))
 
 
 def unpack_mask(packed: torch.Tensor, shape: list[int] | tuple[int, ...]) -> torch.Tensor:

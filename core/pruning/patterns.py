@@ -54,13 +54,24 @@ def _lowest_k(score: torch.Tensor, k: int) -> torch.Tensor:
         return torch.zeros_like(score, dtype=torch.bool)
     kth = kth_smallest(score, k)
     mask = score <= kth  # k entries, or more where scores tie at the threshold
-    over = (mask.sum(1) > k).nonzero().squeeze(1)
-    if over.numel():  # rare: more ties than needed (dead inputs give whole runs of zero scores)
+    over = (_count_per_row(mask) > k).nonzero().squeeze(1)
+    if over.numel():  # more ties than needed: dead inputs give runs of zero scores, bf16 weights equal values
         s, t = score[over], kth[over]
         below = s < t
-        ties = s == t
-        mask[over] = below | (ties & (ties.cumsum(1) <= k - below.sum(1, keepdim=True)))
+        need = k - _count_per_row(below)  # ties to remove in each row, the first ones in index order
+        row, col = (s == t).nonzero().unbind(1)  # row-major: within a row, ascending columns
+        per_row = torch.bincount(row, minlength=len(over))
+        first = per_row.cumsum(0) - per_row  # where each row's ties start in (row, col)
+        take = torch.arange(len(row), device=row.device) - first[row] < need[row]  # rank of a tie in its row
+        below[row[take], col[take]] = True
+        mask[over] = below
     return mask
+
+
+def _count_per_row(mask: torch.Tensor) -> torch.Tensor:
+    """True entries per row. A bool sum along a dim goes through int64 (8 bytes an entry: 360 MB for a 7B
+    model's whole down_proj as one row); a whole-tensor count_nonzero makes no copy."""
+    return torch.count_nonzero(mask).view(1) if mask.shape[0] == 1 else mask.sum(1)
 
 
 def nm_mask(score: torch.Tensor, n: int, m: int) -> torch.Tensor:
@@ -108,4 +119,4 @@ def satisfies_nm(w: torch.Tensor, n: int, m: int) -> bool:
 
 
 def sparsity(w: torch.Tensor) -> float:
-    return float((w == 0).sum()) / w.numel()
+    return (w.numel() - int(torch.count_nonzero(w))) / w.numel()  # no bool copy of w

@@ -37,6 +37,9 @@ class Method:
     # Only chooses which weights to remove, never updates the rest: prune() then gets the layer's own weight
     # (a view, in the model's dtype) and zeroes it in place, with no float32 copy to make and write back.
     masks_only: ClassVar[bool] = False
+    # Updates weights, but makes its float32 working copy itself (in the layout it computes in) from the
+    # layers' own weights, which it must not modify: one copy instead of a float32 copy and a re-layout.
+    copies_weights: ClassVar[bool] = False
 
     def __init_subclass__(cls, **kw: Any) -> None:
         super().__init_subclass__(**kw)
@@ -50,8 +53,9 @@ class Method:
         return None
 
     def prune(self, w: torch.Tensor, stats: Stats | None, target: Target) -> Pruned:  # pragma: no cover
-        """w is [out, in]: a float32 copy the method may update and return, or, for masks_only methods, the
-        layer's own weight, in which the removed entries are zeroed in place."""
+        """w is [out, in]: a float32 copy the method may update and return; for masks_only methods the
+        layer's own weight, in which the removed entries are zeroed in place; for copies_weights methods the
+        layer's own weight, read only."""
         raise NotImplementedError
 
     def prune_many(self, ws: list[torch.Tensor], stats: Stats | None, target: Target) -> list[Pruned]:

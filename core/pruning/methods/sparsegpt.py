@@ -90,6 +90,7 @@ def _factor_reversed(Hr: torch.Tensor, percdamp: float) -> tuple[torch.Tensor, t
 
 class SparseGPT(Method):
     name = "sparsegpt"
+    copies_weights = True
 
     def stats(self, in_features: int, device: torch.device) -> Stats:
         return Hessian(in_features, device)
@@ -104,10 +105,13 @@ class SparseGPT(Method):
         assert isinstance(stats, Hessian)
         U, dead, damp, retries = stats.factor(self.config.percdamp)
         rows = [w.shape[0] for w in ws]
-        # work on Wᵀ [in, out]: column i of W is the contiguous row i here
-        Wt = torch.cat([w.t() for w in ws], dim=1) if len(ws) > 1 else ws[0].t().contiguous()
+        # work on float32 Wᵀ [in, out], the layers' rows side by side: column i of W is the contiguous row i here
+        Wt = torch.empty(ws[0].shape[1], sum(rows), dtype=torch.float32, device=U.device)
+        r0 = 0
+        for w in ws:
+            Wt[:, r0 : r0 + w.shape[0]].copy_(w.t())
+            r0 += w.shape[0]
         was_nonzero_dead = (Wt[dead] != 0) if dead.any() else None
-        ws.clear()  # the caller's copies are no longer needed
         Wt[dead] = 0
         mask = sweep(Wt, U, target, self.config.blocksize, rows)
         if was_nonzero_dead is not None:
