@@ -223,6 +223,30 @@ def test_sparsegpt_stacks_layers_sharing_a_hessian_without_changing_the_result(n
             assert abs(res.mask.float().mean().item() - 0.5) < 0.01
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_sparsegpt_reads_the_layers_own_weights_and_leaves_them_unchanged(dtype):
+    # the engine hands SparseGPT the layers' own weights (copies_weights): it must make its float32
+    # working copy itself and change nothing in the model until the engine writes the result back
+    x = correlated_inputs()
+    g = torch.Generator().manual_seed(2)
+    ws = [torch.randn(r, 128, generator=g).to(dtype) for r in (24, 40)]
+    before = [w.clone() for w in ws]
+    m = get("sparsegpt")(cfg())
+
+    def hessian():
+        st = m.stats(128, torch.device("cpu"))
+        st.add_batch(x.unsqueeze(0))
+        return st
+
+    got = m.prune_many(list(ws), hessian(), Target(0.5))
+    assert all(torch.equal(w, b) for w, b in zip(ws, before))
+    refs = m.prune_many([w.float() for w in ws], hessian(), Target(0.5))
+    for w, res, ref in zip(ws, got, refs):
+        assert res.weight.dtype == torch.float32 and res.weight.shape == w.shape
+        assert torch.equal(res.mask, ref.mask)
+        assert torch.equal(res.weight, ref.weight)
+
+
 def test_inverse_hessian_factor_is_upper_and_inverts_the_damped_hessian():
     x = correlated_inputs(1024, 96).double()
     H = x.t() @ x
