@@ -4,7 +4,6 @@ from its linears' inputs, prune them, and pass the (pruned) block's outputs on t
 Only the current block and the calibration activations sit on the compute device."""
 from __future__ import annotations
 
-import ctypes
 import inspect
 import logging
 from collections.abc import Callable, Iterator
@@ -18,6 +17,7 @@ from torch import nn
 from core.pruning import models, patterns
 from core.pruning.errors import Cancelled, InvalidModelError
 from core.pruning.masks import pack_mask
+from core.pruning.memory import release_freed_memory
 from core.pruning.methods import Method, Pruned, Stats, Target
 from core.pruning.progress import Progress, ProgressFn, StopFn, never_stop, no_progress
 
@@ -108,14 +108,6 @@ class BlockInputs:
         finally:
             for hd in handles:
                 hd.remove()
-
-
-def _release_freed_memory() -> None:
-    """glibc keeps freed activation buffers in its arenas, so RSS grows block after block; hand them back."""
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):  # not glibc (macOS, musl): nothing to do
-        pass
 
 
 def _accepts(fn: Any, name: str) -> bool:
@@ -360,7 +352,7 @@ def prune_blocks(model: nn.Module, tokens: torch.Tensor, method: Method, *, devi
                     keep = propagate == "dense" and g == 0  # the first pass sees the dense block: keep its outputs
                     stats, outs = _collect(method, block, {n: layers[n] for n in group}, inputs, device, keep)
                     dense_out = outs if keep else dense_out
-                    _release_freed_memory()  # the pass's temporaries, before pruning allocates its own
+                    release_freed_memory()  # the pass's temporaries, before pruning allocates its own
                 live = []
                 for n in group:
                     if method.needs_inputs and stats[n] is None:
@@ -377,7 +369,7 @@ def prune_blocks(model: nn.Module, tokens: torch.Tensor, method: Method, *, devi
                     del results
                     for n in names:  # a statistic (and its factorisation) goes once its last layer is pruned
                         stats[n] = None
-                    _release_freed_memory()  # so that the transients of successive groups do not pile up
+                    release_freed_memory()  # so that the transients of successive groups do not pile up
                 del stats
             if i == len(blocks) - 1:
                 inputs.hidden = []  # nothing reads the last block's outputs
@@ -385,7 +377,7 @@ def prune_blocks(model: nn.Module, tokens: torch.Tensor, method: Method, *, devi
                 inputs.hidden = dense_out
             else:
                 inputs.advance(block)
-        _release_freed_memory()
+        release_freed_memory()
         done = {r.name: r.sparsity for r in reports if r.name.startswith(f"{prefix}.{i}.")}
         on_progress(Progress("prune", f"block {i + 1}/{len(blocks)}", block=i, total_blocks=len(blocks),
                              data={"layers": done}))

@@ -9,6 +9,7 @@ import torch
 from core.pruning import patterns
 from core.pruning.errors import NumericalError
 from core.pruning.exact_products import exact_fp32_products
+from core.pruning.memory import release_freed_memory
 from core.pruning.methods.base import Method, Pruned, Stats, Target, tokens_first
 
 log = logging.getLogger(__name__)
@@ -52,6 +53,7 @@ class Hessian(Stats):
             Hr = self.H.flip(0, 1).tril_()  # J H J: its lower triangle is H's upper one, all that was summed
             self.H = None
             self._factor = _factor_reversed(Hr, percdamp)
+            release_freed_memory()  # H and the Cholesky factor: two d×d matrices that the sweep never needs
         return self._factor
 
 
