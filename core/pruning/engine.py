@@ -302,7 +302,9 @@ def _weight_to_prune(layer: nn.Module, method: Method, device: torch.device) -> 
     """[out, in]: the layer's own weight for methods that only mask it or copy it themselves, else a float32
     copy to update."""
     w = models.get_weight(layer)
-    return w if method.masks_only or method.copies_weights else w.to(device, torch.float32, copy=True, memory_format=torch.contiguous_format)
+    if method.masks_only or method.copies_weights:
+        return w
+    return w.to(device, torch.float32, copy=True, memory_format=torch.contiguous_format)
 
 
 def _write_back(layer: nn.Module, res: Pruned, name: str, t: Target, masks: dict[str, torch.Tensor],
