@@ -93,6 +93,21 @@ def load_tokens(path: str | Path):
     return t.long()
 
 
+def engine_config(model: str, tokens: str, method: str, pattern: str, dtype: str = "float32"):
+    """A PruneConfig for one engine run on pre-tokenised calibration windows, saving nothing; PATTERN is an
+    unstructured sparsity (0.5) or N:M (2:4). For the profiling scripts."""
+    from core.pruning.config import CalibrationConfig, ExportConfig, PruneConfig
+
+    t = load_tokens(tokens)
+    nm = ":" in pattern
+    return PruneConfig(
+        model=model, method=method, sparsity=None if nm else float(pattern), pattern=pattern if nm else None,
+        device="cpu", dtype=dtype,
+        calibration=CalibrationConfig(source=tokens, nsamples=t.shape[0], seqlen=t.shape[1]),
+        evaluation=None, export=ExportConfig(save_model=False, masks=False),
+    )
+
+
 def block_linear_stats(model) -> dict[str, Any]:
     """Sparsity over every decoder-block linear weight and a 2:4 validity check."""
 

@@ -21,12 +21,12 @@ sys.path.insert(1, str(HERE.parent))
 import _common as C
 
 
-def status_mib(key: str) -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(key + ":"):
-                return int(line.split()[1]) >> 10
-    raise KeyError(key)
+def rss_mib() -> int:
+    return C.rss_bytes() >> 20
+
+
+def peak_mib() -> int:
+    return C.peak_rss_self_bytes() >> 20
 
 
 def reset_peak() -> None:
@@ -40,7 +40,6 @@ def main() -> None:
     only = int(sys.argv[6]) if len(sys.argv) > 6 else None
     C.set_threads(2)
     from core.pruning import engine
-    from core.pruning.config import CalibrationConfig, ExportConfig, PruneConfig
     from core.pruning.methods import REGISTRY
     from core.pruning.run import prune
 
@@ -54,13 +53,13 @@ def main() -> None:
             if depth[0] or (only is not None and block[0] != only):
                 return fn(*args, **kwargs)
             depth[0] += 1
-            before = status_mib("VmRSS")
+            before = rss_mib()
             reset_peak()
             try:
                 return fn(*args, **kwargs)
             finally:
                 depth[0] -= 1
-                peak, after = status_mib("VmHWM"), status_mib("VmRSS")
+                peak, after = peak_mib(), rss_mib()
                 if only is not None or peak > run_max[0]:
                     print(f"block {block[0]:>2}  {label:<22} rss {before} -> {after} MiB, peak {peak} MiB")
                 run_max[0] = max(run_max[0], peak)
@@ -78,20 +77,13 @@ def main() -> None:
         if p.block is not None:
             block[0] = p.block + 1
 
-    t = C.load_tokens(tokens)
-    nm = ":" in pattern
-    cfg = PruneConfig(
-        model=model, method=method, sparsity=None if nm else float(pattern), pattern=pattern if nm else None,
-        device="cpu", dtype=dtype,
-        calibration=CalibrationConfig(source=tokens, nsamples=t.shape[0], seqlen=t.shape[1]),
-        evaluation=None, export=ExportConfig(save_model=False, masks=False),
-    )
+    cfg = C.engine_config(model, tokens, method, pattern, dtype)
     out = Path(tempfile.mkdtemp(prefix="phase-memory-")) / "out"
     try:
         prune(cfg, out, on_progress=on_progress)
     finally:
         shutil.rmtree(out.parent, ignore_errors=True)
-    print(f"run peak {status_mib('VmHWM')} MiB (since the last reset), largest call peak {run_max[0]} MiB")
+    print(f"run peak {peak_mib()} MiB (since the last reset), largest call peak {run_max[0]} MiB")
 
 
 if __name__ == "__main__":

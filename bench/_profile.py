@@ -28,17 +28,9 @@ def main() -> None:
     threads = int(sys.argv[5]) if len(sys.argv) > 5 else 2
     dtype = sys.argv[6] if len(sys.argv) > 6 else "float32"
     C.set_threads(threads)
-    from core.pruning.config import CalibrationConfig, ExportConfig, PruneConfig
     from core.pruning.run import prune
 
-    t = C.load_tokens(tokens)
-    nm = ":" in pattern
-    cfg = PruneConfig(
-        model=model, method=method, sparsity=None if nm else float(pattern), pattern=pattern if nm else None,
-        device="cpu", dtype=dtype,
-        calibration=CalibrationConfig(source=tokens, nsamples=t.shape[0], seqlen=t.shape[1]),
-        evaluation=None, export=ExportConfig(save_model=False, masks=False),
-    )
+    cfg = C.engine_config(model, tokens, method, pattern, dtype)
     out = Path(tempfile.mkdtemp()) / "out"
     prof = cProfile.Profile()
     t0 = time.perf_counter()
