@@ -6,7 +6,7 @@ from core.pruning import patterns
 from core.pruning.config import PruneConfig
 from core.pruning.errors import NumericalError
 from core.pruning.methods import Target, get
-from core.pruning.methods.sparsegpt import Hessian, inverse_hessian_cholesky
+from core.pruning.methods.sparsegpt import Hessian, factor_in_place, inverse_hessian_cholesky
 
 
 def cfg(**kw):
@@ -143,6 +143,36 @@ def test_cholesky_retries_with_more_damping_and_reports_it():
     U, _, damp, retries = inverse_hessian_cholesky(H, 0.01)
     assert retries >= 1 and damp > 0.01
     assert torch.isfinite(U).all()
+
+
+def damped(H, percdamp):
+    H = H.clone()
+    H.diagonal()[H.diagonal() == 0] = 1
+    return H + percdamp * H.diagonal().mean() * torch.eye(H.shape[0], dtype=H.dtype)
+
+
+@pytest.mark.parametrize("block", [1, 5, 32, 96])
+def test_blocked_factor_is_written_over_the_hessian_and_inverts_it(block):
+    x = correlated_inputs(1024, 96).double()
+    x[:, 7] = 0
+    H = x.t() @ x
+    T = H.triu()
+    T += torch.full_like(T, float("nan")).tril(-1)  # the strict lower triangle is never read
+    U, dead, damp, retries = factor_in_place(T, 0.01, block)
+    assert U.data_ptr() == T.data_ptr() and torch.equal(U, U.triu())
+    assert dead.nonzero().flatten().tolist() == [7] and retries == 0
+    assert torch.allclose(U.t() @ U @ damped(H, 0.01), torch.eye(96, dtype=H.dtype), atol=1e-8)
+
+
+def test_blocked_factor_restarts_from_the_hessian_after_a_failed_attempt():
+    g = torch.Generator().manual_seed(0)
+    q, _ = torch.linalg.qr(torch.randn(16, 16, generator=g, dtype=torch.float64))
+    eig = torch.ones(16, dtype=torch.float64)
+    eig[0] = -0.05  # 1% damping fails part-way through the blocks, after some are overwritten
+    H = q @ torch.diag(eig) @ q.t()
+    U, _, damp, retries = factor_in_place(H.triu(), 0.01, block=4)
+    assert retries >= 1 and damp == pytest.approx(0.01 * 10**retries)
+    assert torch.allclose(U.t() @ U @ damped(H, damp), torch.eye(16, dtype=H.dtype), atol=1e-8)
 
 
 def test_cholesky_that_never_succeeds_raises_instead_of_falling_back():
