@@ -215,8 +215,8 @@ def sweep(Wt: torch.Tensor, U: torch.Tensor, target: Target, blocksize: int, seg
             if nm is not None and i % nm[1] == 0:  # choose this group with the already-updated weights
                 g = W1[i : i + nm[1]].pow(2).div_(d2[i : i + nm[1]])
                 k = g.shape[0] - nm[0]
-                if k > 0:
-                    drop[i : i + nm[1]].scatter_(0, torch.topk(g, k, dim=0, largest=False).indices, 1.0)
+                if k > 0:  # the k lowest per row of W; a tie with the k-th (zeros, in practice) goes as well
+                    torch.le(g, patterns.kth_smallest_of_columns(g, k), out=drop[i : i + nm[1]])
             err = torch.mul(W1[i], drop[i], out=Err1[i]).div_(d[i])  # OBS: δ = −(w_p / [H⁻¹]_pp)·[H⁻¹]_p,:
             W1[i:].addr_(U1[i, i:], err, alpha=-1)
         mask[i1:i2] = drop != 0

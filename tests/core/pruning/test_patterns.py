@@ -87,3 +87,24 @@ def test_kth_smallest_equals_torch_kthvalue():
     for score in (torch.rand(9, 31, generator=g), torch.randint(0, 5, (9, 31), generator=g).float()):
         for k in (1, 7, 31):
             assert torch.equal(patterns.kth_smallest(score, k), score.kthvalue(k, dim=1, keepdim=True).values)
+
+
+def test_sorting_network_sorts_every_input_of_up_to_ten_values():
+    import itertools
+
+    for n in range(1, 11):  # zero-one principle: a network that sorts every 0/1 input sorts everything
+        net = patterns._sorting_network(n)
+        for bits in itertools.product([0, 1], repeat=n):
+            v = list(bits)
+            for i, j in net:
+                v[i], v[j] = min(v[i], v[j]), max(v[i], v[j])
+            assert v == sorted(v), (n, bits)
+
+
+def test_kth_smallest_of_columns_equals_kthvalue_for_short_and_long_groups():
+    g = torch.Generator().manual_seed(0)
+    for m in (2, 3, 4, 5, 8, 12):
+        x = torch.randint(0, 5, (m, 300), generator=g).float()  # many ties
+        for k in range(1, m + 1):
+            got = patterns.kth_smallest_of_columns(x, k)
+            assert torch.equal(got, x.kthvalue(k, dim=0, keepdim=True).values), (m, k)
