@@ -301,6 +301,8 @@ def _share_groups(names: list[str], stats: dict[str, Stats | None], targets: dic
 def _weight_to_prune(layer: nn.Module, method: Method, device: torch.device) -> torch.Tensor:
     """[out, in]: the layer's own weight for methods that only mask it or copy it themselves, else a float32
     copy to update."""
+    if method.masks_only:
+        models.own_weight(layer)  # zeroed in place next
     w = models.get_weight(layer)
     if method.masks_only or method.copies_weights:
         return w

@@ -1,0 +1,71 @@
+"""Weights of a memory-mapped checkpoint: written into memory of their own, the file's pages let go."""
+import sys
+
+import pytest
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+from torch import nn
+
+from core.pruning import memory, models
+
+linux_only = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/self; Linux only")
+
+
+def rss_file_kib() -> int:
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("RssFile:"))
+
+
+def mapped(path, **tensors):
+    """The tensors as safetensors maps them (as transformers loads a checkpoint): views of the file."""
+    save_file(tensors, path)
+    with safe_open(path, "pt") as f:
+        return {k: f.get_tensor(k) for k in tensors}
+
+
+@linux_only
+def test_a_weight_mapped_from_a_checkpoint_is_recognised(tmp_path):
+    t = mapped(tmp_path / "w.safetensors", a=torch.randn(256, 256))["a"]
+    assert memory.in_private_file_mapping(t)
+    assert not memory.in_private_file_mapping(torch.randn(256, 256))
+    assert not memory.in_private_file_mapping(t[1:])  # part of a storage: other views may read the rest
+
+
+@linux_only
+def test_writing_a_mapped_weight_moves_it_out_and_lets_the_file_pages_go(tmp_path):
+    a, b, c = torch.randn(1024, 1024), torch.randn(64, 1024), torch.randn(64, 1024)
+    w = mapped(tmp_path / "w.safetensors", a=a, b=b, c=c)
+    layer, neighbour, warm = (nn.Linear(1024, n, bias=False).requires_grad_(False) for n in (1024, 64, 64))
+    layer.weight.data, neighbour.weight.data, warm.weight.data = w["a"], w["b"], w["c"]
+    float(layer.weight.sum() + neighbour.weight.sum())  # read once: the file's pages are resident
+    pruned = a.masked_fill(a.abs() < 0.5, 0)
+    models.set_weight(warm, c.clone())  # the first call maps code and libraries: not measured
+    neighbour.weight.data[0].zero_()  # written in place: b's first page (shared with a's last) is now a copy
+    before = rss_file_kib()
+    models.set_weight(layer, pruned)
+    assert torch.equal(layer.weight, pruned) and not memory.in_private_file_mapping(layer.weight)
+    assert torch.equal(neighbour.weight[1:], b[1:]) and not neighbour.weight[0].any()  # that page stayed
+    assert before - rss_file_kib() >= 0.9 * 4096  # a's 4 MiB of file pages are no longer held
+    with safe_open(tmp_path / "w.safetensors", "pt") as f:
+        assert torch.equal(f.get_tensor("a"), a)  # the checkpoint itself is untouched
+
+
+@linux_only
+def test_a_mapped_weight_is_owned_before_it_is_zeroed_in_place(tmp_path):
+    a = torch.randn(512, 512)
+    layer = nn.Linear(512, 512, bias=False)
+    layer.weight.data = mapped(tmp_path / "w.safetensors", a=a)["a"]
+    models.own_weight(layer)
+    assert not memory.in_private_file_mapping(layer.weight) and torch.equal(layer.weight, a)
+    models.get_weight(layer).masked_fill_(a.abs() < 0.5, 0)
+    with safe_open(tmp_path / "w.safetensors", "pt") as f:
+        assert torch.equal(f.get_tensor("a"), a)
+
+
+def test_weights_in_ordinary_memory_are_written_in_place():
+    layer = nn.Linear(8, 4, bias=False)
+    before = layer.weight.data
+    models.set_weight(layer, torch.zeros(4, 8))
+    assert layer.weight.data is before or layer.weight.data_ptr() == before.data_ptr()
+    assert (layer.weight == 0).all()
