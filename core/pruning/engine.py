@@ -185,7 +185,7 @@ def capture(model: nn.Module, blocks: nn.ModuleList, tokens: torch.Tensor, devic
 
 @contextmanager
 def on_device(block: nn.Module, device: torch.device) -> Iterator[nn.Module]:
-    block.to(device)
+    models.move(block, device)
     try:
         yield block
     finally:
@@ -301,8 +301,6 @@ def _share_groups(names: list[str], stats: dict[str, Stats | None], targets: dic
 def _weight_to_prune(layer: nn.Module, method: Method, device: torch.device) -> torch.Tensor:
     """[out, in]: the layer's own weight for methods that only mask it or copy it themselves, else a float32
     copy to update."""
-    if method.masks_only:
-        models.own_weight(layer)  # zeroed in place next
     w = models.get_weight(layer)
     if method.masks_only or method.copies_weights:
         return w
@@ -364,6 +362,7 @@ def prune_blocks(model: nn.Module, tokens: torch.Tensor, method: Method, *, devi
                         skipped.append(f"{prefix}.{i}.{n}")
                     else:
                         live.append(n)
+                models.own_weights([layers[n] for n in live])  # written next: out of the checkpoint's mapping
                 for names in _share_groups(live, stats, targets, method.masks_only):
                     ws = [_weight_to_prune(layers[n], method, device) for n in names]
                     results = method.prune_many(ws, stats[names[0]], targets[names[0]])

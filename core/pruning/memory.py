@@ -1,6 +1,7 @@
 """Handing memory back to the operating system."""
 from __future__ import annotations
 
+import bisect
 import ctypes
 import mmap
 from pathlib import Path
@@ -29,18 +30,39 @@ def release_freed_memory() -> None:
 def in_private_file_mapping(t: torch.Tensor) -> bool:
     """Whether t is the whole of its storage and that lies in a copy-on-write mapping of a file: a checkpoint
     that safetensors mapped in place of reading it. False off Linux and off the CPU."""
-    if t.device.type != "cpu" or not _PROC_MAPS.exists():
-        return False
-    storage = t.untyped_storage()
-    lo, hi = storage.data_ptr(), storage.data_ptr() + storage.nbytes()
-    if t.data_ptr() != lo or t.numel() * t.element_size() != storage.nbytes():
-        return False  # other tensors may view the rest
+    return file_mapped([t])[0]
+
+
+def file_mapped(tensors: list[torch.Tensor]) -> list[bool]:
+    """in_private_file_mapping of each tensor, reading the process's mappings once."""
+    spans = [_own_span(t) for t in tensors]
+    if not any(spans) or not _PROC_MAPS.exists():
+        return [False] * len(tensors)
+    files = []  # (start, end) of private file mappings
     for line in _PROC_MAPS.read_text().splitlines():
         fields = line.split(maxsplit=5)
-        a, b = (int(x, 16) for x in fields[0].split("-"))
-        if a <= lo < b:
-            return hi <= b and fields[1].endswith("p") and fields[4] != "0" and len(fields) == 6
-    return False
+        if len(fields) == 6 and fields[1].endswith("p") and fields[4] != "0":
+            a, b = (int(x, 16) for x in fields[0].split("-"))
+            files.append((a, b))
+    files.sort()
+    starts = [a for a, _ in files]
+    out = []
+    for span in spans:
+        k = bisect.bisect_right(starts, span[0]) - 1 if span else -1
+        out.append(k >= 0 and files[k][0] <= span[0] and span[1] <= files[k][1])
+    return out
+
+
+def _own_span(t: torch.Tensor) -> tuple[int, int] | None:
+    """[start, end) of t's memory if t is a CPU tensor that is the whole of its storage, else None (other
+    tensors may view the rest)."""
+    if t.device.type != "cpu":
+        return None
+    storage = t.untyped_storage()
+    lo, n = storage.data_ptr(), storage.nbytes()
+    if not n or t.data_ptr() != lo or t.numel() * t.element_size() != n:
+        return None
+    return lo, lo + n
 
 
 def release_file_pages(t: torch.Tensor) -> None:

@@ -163,7 +163,7 @@ def _perplexity(model: torch.nn.Module, ids: torch.Tensor, seqlen: int, config: 
     ev = config.evaluation
     assert ev is not None
     if device.type != "cpu":
-        model.to(device)
+        models.move(model, device)
     try:
         return evaluate.perplexity(model, ids, seqlen, ev.batch_size, ev.max_windows, device)
     finally:

@@ -33,16 +33,17 @@ def test_a_weight_mapped_from_a_checkpoint_is_recognised(tmp_path):
 
 
 @linux_only
-def test_writing_a_mapped_weight_moves_it_out_and_lets_the_file_pages_go(tmp_path):
+def test_a_mapped_weight_moves_out_before_it_is_written_and_the_file_pages_go(tmp_path):
     a, b, c = torch.randn(1024, 1024), torch.randn(64, 1024), torch.randn(64, 1024)
     w = mapped(tmp_path / "w.safetensors", a=a, b=b, c=c)
     layer, neighbour, warm = (nn.Linear(1024, n, bias=False).requires_grad_(False) for n in (1024, 64, 64))
     layer.weight.data, neighbour.weight.data, warm.weight.data = w["a"], w["b"], w["c"]
     float(layer.weight.sum() + neighbour.weight.sum())  # read once: the file's pages are resident
     pruned = a.masked_fill(a.abs() < 0.5, 0)
-    models.set_weight(warm, c.clone())  # the first call maps code and libraries: not measured
+    models.own_weights([warm])  # the first call maps code and libraries: not measured
     neighbour.weight.data[0].zero_()  # written in place: b's first page (shared with a's last) is now a copy
     before = rss_file_kib()
+    models.own_weights([layer])
     models.set_weight(layer, pruned)
     assert torch.equal(layer.weight, pruned) and not memory.in_private_file_mapping(layer.weight)
     assert torch.equal(neighbour.weight[1:], b[1:]) and not neighbour.weight[0].any()  # that page stayed
@@ -56,7 +57,7 @@ def test_a_mapped_weight_is_owned_before_it_is_zeroed_in_place(tmp_path):
     a = torch.randn(512, 512)
     layer = nn.Linear(512, 512, bias=False)
     layer.weight.data = mapped(tmp_path / "w.safetensors", a=a)["a"]
-    models.own_weight(layer)
+    models.own_weights([layer])
     assert not memory.in_private_file_mapping(layer.weight) and torch.equal(layer.weight, a)
     models.get_weight(layer).masked_fill_(a.abs() < 0.5, 0)
     with safe_open(tmp_path / "w.safetensors", "pt") as f:
@@ -69,3 +70,23 @@ def test_weights_in_ordinary_memory_are_written_in_place():
     models.set_weight(layer, torch.zeros(4, 8))
     assert layer.weight.data is before or layer.weight.data_ptr() == before.data_ptr()
     assert (layer.weight == 0).all()
+
+
+@linux_only
+def test_moving_off_the_cpu_lets_go_of_the_checkpoint_pages(tmp_path):
+    a, b = torch.randn(1024, 1024), torch.randn(1024, 1024)
+    w = mapped(tmp_path / "w.safetensors", a=a, b=b)
+    warm, layer = nn.Linear(1024, 1024, bias=False), nn.Linear(1024, 1024, bias=False)
+    warm.weight.data, layer.weight.data = w["a"], w["b"]
+    float(layer.weight.detach().sum() + warm.weight.detach().sum())
+    models.move(warm, torch.device("meta"))  # the first call maps code and libraries: not measured
+    before = rss_file_kib()
+    # on a GPU run the block goes to the device and comes back as new host memory: the file's pages must go
+    models.move(layer, torch.device("meta"))
+    assert layer.weight.device.type == "meta"
+    assert before - rss_file_kib() >= 0.9 * 4096
+
+
+def test_file_mapped_is_false_for_ordinary_and_partial_tensors():
+    t = torch.randn(64, 64)
+    assert memory.file_mapped([t, t[1:], torch.empty(0)]) == [False, False, False]
