@@ -64,7 +64,8 @@ def inverse_hessian_cholesky(H: torch.Tensor, percdamp: float) -> tuple[torch.Te
     return factor_in_place(H.triu(), percdamp)
 
 
-def factor_in_place(T: torch.Tensor, percdamp: float, block: int | None = None):
+def factor_in_place(T: torch.Tensor, percdamp: float,
+                    block: int | None = None) -> tuple[torch.Tensor, torch.Tensor, float, int]:
     """The same from T, whose upper triangle holds H (the rest is not read), with no second d×d matrix: U is
     written over T. A d×d float32 is 485 MB for a 7B model's down_proj; LAPACK's route (Cholesky, inverse,
     Cholesky of the inverse) needs three of them.
