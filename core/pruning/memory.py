@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import bisect
 import ctypes
+import functools
 import mmap
 from pathlib import Path
 
@@ -12,6 +13,7 @@ MADV_DONTNEED = 4
 _PROC_MAPS = Path("/proc/self/maps")
 
 
+@functools.cache
 def _libc() -> ctypes.CDLL | None:
     try:
         return ctypes.CDLL("libc.so.6", use_errno=True)
@@ -27,14 +29,10 @@ def release_freed_memory() -> None:
         libc.malloc_trim(0)
 
 
-def in_private_file_mapping(t: torch.Tensor) -> bool:
-    """Whether t is the whole of its storage and that lies in a copy-on-write mapping of a file: a checkpoint
-    that safetensors mapped in place of reading it. False off Linux and off the CPU."""
-    return file_mapped([t])[0]
-
-
 def file_mapped(tensors: list[torch.Tensor]) -> list[bool]:
-    """in_private_file_mapping of each tensor, reading the process's mappings once."""
+    """Whether each tensor is the whole of its storage and that lies in a copy-on-write mapping of a file (a
+    checkpoint that safetensors mapped in place of reading it), reading the process's mappings once. False
+    off Linux and off the CPU."""
     spans = [_own_span(t) for t in tensors]
     if not any(spans) or not _PROC_MAPS.exists():
         return [False] * len(tensors)
@@ -66,7 +64,7 @@ def _own_span(t: torch.Tensor) -> tuple[int, int] | None:
 
 
 def release_file_pages(t: torch.Tensor) -> None:
-    """Unmap the pages wholly inside t, which must lie in a private file mapping (in_private_file_mapping)
+    """Unmap the pages wholly inside t, which must lie in a private file mapping (file_mapped)
     and never be read again: the process stops holding them, and a later read would see the file again."""
     libc = _libc()
     if libc is None:

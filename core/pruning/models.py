@@ -150,10 +150,8 @@ def own_weights(layers: list[nn.Module]) -> None:
     weights = [layer.weight.data for layer in layers]
     for layer, old, mapped in zip(layers, weights, memory.file_mapped(weights)):
         if mapped:
-            new = torch.empty(old.shape, dtype=old.dtype, device=old.device)
-            layer.weight.data = new.copy_(old)
+            layer.weight.data = old.clone()
             memory.release_file_pages(old)
-    del weights
 
 
 def in_features(layer: nn.Module) -> int:

@@ -27,9 +27,9 @@ def mapped(path, **tensors):
 @linux_only
 def test_a_weight_mapped_from_a_checkpoint_is_recognised(tmp_path):
     t = mapped(tmp_path / "w.safetensors", a=torch.randn(256, 256))["a"]
-    assert memory.in_private_file_mapping(t)
-    assert not memory.in_private_file_mapping(torch.randn(256, 256))
-    assert not memory.in_private_file_mapping(t[1:])  # part of a storage: other views may read the rest
+    assert memory.file_mapped([t])[0]
+    assert not memory.file_mapped([torch.randn(256, 256)])[0]
+    assert not memory.file_mapped([t[1:]])[0]  # part of a storage: other views may read the rest
 
 
 @linux_only
@@ -45,7 +45,7 @@ def test_a_mapped_weight_moves_out_before_it_is_written_and_the_file_pages_go(tm
     before = rss_file_kib()
     models.own_weights([layer])
     models.set_weight(layer, pruned)
-    assert torch.equal(layer.weight, pruned) and not memory.in_private_file_mapping(layer.weight)
+    assert torch.equal(layer.weight, pruned) and not memory.file_mapped([layer.weight])[0]
     assert torch.equal(neighbour.weight[1:], b[1:]) and not neighbour.weight[0].any()  # that page stayed
     assert before - rss_file_kib() >= 0.9 * 4096  # a's 4 MiB of file pages are no longer held
     with safe_open(tmp_path / "w.safetensors", "pt") as f:
@@ -58,7 +58,7 @@ def test_a_mapped_weight_is_owned_before_it_is_zeroed_in_place(tmp_path):
     layer = nn.Linear(512, 512, bias=False)
     layer.weight.data = mapped(tmp_path / "w.safetensors", a=a)["a"]
     models.own_weights([layer])
-    assert not memory.in_private_file_mapping(layer.weight) and torch.equal(layer.weight, a)
+    assert not memory.file_mapped([layer.weight])[0] and torch.equal(layer.weight, a)
     models.get_weight(layer).masked_fill_(a.abs() < 0.5, 0)
     with safe_open(tmp_path / "w.safetensors", "pt") as f:
         assert torch.equal(f.get_tensor("a"), a)
