@@ -21,39 +21,64 @@ FACTOR_MAX_BLOCKS = 16  # and in at most this many (its Python-level steps grow 
 
 class Hessian(Stats):
     """H ← H·n/(n+b) + (2/(n+b))·XᵀX, X = tokens × in_features, accumulated in float32. Layers that read the
-    same input (q/k/v, gate/up) share one Hessian and one factorisation."""
+    same input (q/k/v, gate/up) share one Hessian and one factorisation.
+
+    XᵀX is symmetric, so only its upper triangle is accumulated, as row stripes H[a:b, a:] each held in its own
+    tensor: 5/8 of a d×d matrix's multiply-adds and memory (a block's Hessians are all live while the
+    statistics pass runs its forward, the pass that sets a bf16 run's peak). The d×d matrix is assembled
+    only when it is factored, one Hessian at a time."""
 
     def __init__(self, in_features: int, device: torch.device):
-        self.H: torch.Tensor | None = torch.zeros(in_features, in_features, dtype=torch.float32, device=device)
+        d = self.d = in_features
+        edges = sorted({round(d * s / HESSIAN_STRIPES) for s in range(HESSIAN_STRIPES + 1)})
+        self._rows = list(zip(edges, edges[1:]))
+        self._stripes: list[torch.Tensor | None] | None = [
+            torch.zeros(a1 - a0, d - a0, dtype=torch.float32, device=device) for a0, a1 in self._rows]
         self.n = 0
-        d = in_features
-        self._edges = sorted({round(d * s / HESSIAN_STRIPES) for s in range(HESSIAN_STRIPES + 1)})
         self._factor: tuple[torch.Tensor, torch.Tensor, float, int] | None = None
 
     def add_batch(self, x: torch.Tensor) -> None:
-        assert self.H is not None, "statistics already consumed"
+        assert self._stripes is not None, "statistics already consumed"
         b = x.shape[0] if x.dim() > 2 else 1
         source = x.dtype
         x = tokens_first(x)
-        self.H.mul_(self.n / (self.n + b))
+        scale = self.n / (self.n + b)
         self.n += b
-        # the stripes H[a:b, a:] cover the upper triangle with ~5/8 of a full XᵀX's multiply-adds;
         # bf16 activations (a bf16 model) are multiplied on bf16 units, exactly, with float32 sums
         with exact_fp32_products(source, x.device):
-            for a0, a1 in zip(self._edges, self._edges[1:]):
-                self.H[a0:a1, a0:].addmm_(x[:, a0:a1].t(), x[:, a0:], alpha=2 / self.n)
+            for (a0, a1), S in zip(self._rows, self._stripes):
+                S.mul_(scale).addmm_(x[:, a0:a1].t(), x[:, a0:], alpha=2 / self.n)
+
+    @property
+    def nbytes(self) -> int:
+        """Memory the accumulated statistic holds."""
+        return sum(S.nbytes for S in self._stripes or [] if S is not None)
 
     @property
     def matrix(self) -> torch.Tensor:
         """The full symmetric H (a copy); for inspection."""
-        assert self.H is not None, "statistics already consumed"
-        return self.H.triu() + self.H.triu(1).t()
+        T = self._assembled(consume=False)
+        return T.triu() + T.triu(1).t()
+
+    def _assembled(self, consume: bool) -> torch.Tensor:
+        """A d×d float32 whose upper triangle is H (the strict lower one is not written); with consume, each
+        stripe is let go once copied, so the two forms are never both whole."""
+        assert self._stripes is not None, "statistics already consumed"
+        stripes = self._stripes
+        T = torch.empty(self.d, self.d, dtype=torch.float32, device=stripes[0].device)
+        for k, (a0, a1) in enumerate(self._rows):
+            T[a0:a1, a0:].copy_(stripes[k])
+            if consume:
+                stripes[k] = None
+                release_freed_memory()
+        if consume:
+            self._stripes = None
+        return T
 
     def factor(self, percdamp: float) -> tuple[torch.Tensor, torch.Tensor, float, int]:
-        """(U, dead inputs, damping used, retries), computed once, in H's own memory: H is consumed."""
+        """(U, dead inputs, damping used, retries), computed once, in the assembled H's own memory."""
         if self._factor is None:
-            T, self.H = self.H, None
-            self._factor = factor_in_place(T, percdamp)
+            self._factor = factor_in_place(self._assembled(consume=True), percdamp)
             release_freed_memory()  # the factorisation's panel-sized temporaries
         return self._factor
 

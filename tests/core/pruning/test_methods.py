@@ -134,6 +134,19 @@ def test_hessian_matches_definition():
     assert torch.allclose(h.matrix, 2 / 3 * flat.t() @ flat, atol=1e-5)
 
 
+def test_hessian_keeps_only_its_upper_triangle_and_factors_as_the_full_matrix():
+    d = 300
+    x = torch.randn(2, 64, d)
+    h = Hessian(d, torch.device("cpu"))
+    h.add_batch(x)
+    assert h.nbytes <= 0.65 * d * d * 4  # the stripes of the upper triangle, not a d×d matrix
+    expected = inverse_hessian_cholesky(h.matrix, 0.01)
+    got = h.factor(0.01)
+    assert all(torch.equal(a, b) for a, b in zip(got[:2], expected[:2])) and got[2:] == expected[2:]
+    with pytest.raises(AssertionError, match="consumed"):
+        h.add_batch(x)
+
+
 def test_cholesky_retries_with_more_damping_and_reports_it():
     g = torch.Generator().manual_seed(0)
     q, _ = torch.linalg.qr(torch.randn(16, 16, generator=g))
