@@ -9,6 +9,7 @@ import logging
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -17,7 +18,7 @@ from torch import nn
 from core.pruning import models, patterns
 from core.pruning.errors import Cancelled, InvalidModelError
 from core.pruning.masks import pack_mask
-from core.pruning.memory import release_freed_memory
+from core.pruning.memory import release_freed_memory, spill_to_file
 from core.pruning.methods import Method, Pruned, Stats, Target
 from core.pruning.progress import Progress, ProgressFn, StopFn, never_stop, no_progress
 
@@ -322,7 +323,9 @@ def prune_blocks(model: nn.Module, tokens: torch.Tensor, method: Method, *, devi
                  block_sparsity: list[float], nm: tuple[int, int] | None, exclude: list[str],
                  overrides: dict[str, float], true_sequential: bool = False, propagate: str = "pruned",
                  batch_size: int = 1, on_progress: ProgressFn = no_progress,
-                 should_stop: StopFn = never_stop) -> EngineResult:
+                 should_stop: StopFn = never_stop, spill_dir: Path | None = None) -> EngineResult:
+    """With spill_dir, each block's packed masks are written there once the block is done and kept mapped
+    from those files rather than in memory (the caller removes the directory after use)."""
     prefix, blocks = models.find_blocks(model)
     if len(block_sparsity) != len(blocks):
         raise ValueError(f"{len(block_sparsity)} block sparsities given for {len(blocks)} blocks")
@@ -344,6 +347,7 @@ def prune_blocks(model: nn.Module, tokens: torch.Tensor, method: Method, *, devi
             if t.nm is not None or t.sparsity > 0:
                 targets[n] = t
         layers = {n: m for n, m in block.named_modules() if n in targets}
+        block_masks: dict[str, torch.Tensor] = {}
         with torch.no_grad(), on_device(block, device):
             groups = sequential_groups(block, layers, inputs) if true_sequential and layers else [list(layers)]
             collects = method.needs_inputs and bool(groups[0])
@@ -367,7 +371,7 @@ def prune_blocks(model: nn.Module, tokens: torch.Tensor, method: Method, *, devi
                     ws = [_weight_to_prune(layers[n], method, device) for n in names]
                     results = method.prune_many(ws, stats[names[0]], targets[names[0]])
                     del ws
-                    reports.extend(_write_back(layers[n], r, f"{prefix}.{i}.{n}", targets[n], masks, shapes)
+                    reports.extend(_write_back(layers[n], r, f"{prefix}.{i}.{n}", targets[n], block_masks, shapes)
                                    for n, r in zip(names, results))
                     del results
                     for n in names:  # a statistic (and its factorisation) goes once its last layer is pruned
@@ -380,6 +384,8 @@ def prune_blocks(model: nn.Module, tokens: torch.Tensor, method: Method, *, devi
                 inputs.hidden = dense_out
             else:
                 inputs.advance(block)
+        masks.update(spill_to_file(block_masks, spill_dir / f"masks-{i:05d}.safetensors") if spill_dir else block_masks)
+        del block_masks
         release_freed_memory()
         done = {r.name: r.sparsity for r in reports if r.name.startswith(f"{prefix}.{i}.")}
         on_progress(Progress("prune", f"block {i + 1}/{len(blocks)}", block=i, total_blocks=len(blocks),

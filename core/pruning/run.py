@@ -6,7 +6,9 @@ import logging
 import math
 import platform
 import resource
+import shutil
 import sys
+import tempfile
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -103,11 +105,12 @@ def prune(config: PruneConfig, out_dir: Path | str, on_progress: ProgressFn = no
     if config.sparsity is not None or config.nm is not None:
         with clock.stage("schedule"):
             block_sparsity = _block_sparsity(config, model, cal.tokens, device, batch)
-        with clock.stage("prune"):
+        with clock.stage("prune"), _scratch_beside(out_dir) as spill:
             res = engine.prune_blocks(
                 model, cal.tokens, method, device=device, block_sparsity=block_sparsity, nm=config.nm,
                 exclude=config.exclude, overrides=config.overrides, true_sequential=config.true_sequential,
-                propagate=config.propagate, batch_size=batch, on_progress=on_progress, should_stop=should_stop)
+                propagate=config.propagate, batch_size=batch, on_progress=on_progress, should_stop=should_stop,
+                spill_dir=spill)
         layers, masks, shapes, skipped = res.layers, res.masks, res.mask_shapes, res.skipped
 
     if ppl is not None:
@@ -156,6 +159,21 @@ def prune(config: PruneConfig, out_dir: Path | str, on_progress: ProgressFn = no
     metrics["timings"] = clock.seconds | {"total": round(time.perf_counter() - started, 4)}
     metrics["model"]["file_bytes_after"] = sum(f.size for f in files if f.kind == "model")
     return PruneResult(out_dir, _finite(metrics), files)
+
+
+@contextmanager
+def _scratch_beside(out_dir: Path) -> Iterator[Path]:
+    """A scratch directory on the output's filesystem (in the nearest existing ancestor of out_dir, so that
+    nothing is created where a failed run must leave nothing), removed on exit. What the engine spilled there
+    stays readable through its mappings after the files are unlinked (POSIX)."""
+    base = out_dir.absolute().parent
+    while not base.exists():
+        base = base.parent
+    path = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.scratch-", dir=base))
+    try:
+        yield path
+    finally:
+        shutil.rmtree(path, ignore_errors=True)
 
 
 def _perplexity(model: torch.nn.Module, ids: torch.Tensor, seqlen: int, config: PruneConfig,

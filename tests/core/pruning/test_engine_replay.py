@@ -1,5 +1,7 @@
 """The engine's block-by-block replay reproduces the model's own forward pass exactly: what each block
 receives (masks, positions, rotary embeddings) is captured per block, not assumed."""
+import sys
+
 import pytest
 import torch
 import transformers
@@ -98,3 +100,24 @@ def test_statistics_pass_stops_early_but_sees_every_input(tiny_model, arch):
     for n in full:
         assert len(full[n]) == len(early[n]) == 3 and all(torch.equal(a, b) for a, b in zip(full[n], early[n]))
     assert len(ran) == 2  # the last linear's own product ran only in the first batch of each pass
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/self/maps; Linux only")
+def test_masks_spilled_block_by_block_equal_those_kept_in_memory(tiny_model, tmp_path):
+    from core.pruning.config import PruneConfig
+    from core.pruning.memory import file_mapped
+    from core.pruning.methods import get
+
+    tokens = torch.randint(4, 290, (4, 32))
+
+    def run(spill_dir):
+        model = transformers.LlamaForCausalLM.from_pretrained(tiny_model("llama")).eval()
+        method = get("sparsegpt")(PruneConfig(model="m", sparsity=0.5))
+        return engine.prune_blocks(model, tokens, method, device=torch.device("cpu"), block_sparsity=[0.5, 0.5],
+                                   nm=None, exclude=[], overrides={}, batch_size=2, spill_dir=spill_dir)
+
+    kept, spilled = run(None), run(tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["masks-00000.safetensors", "masks-00001.safetensors"]
+    assert kept.masks.keys() == spilled.masks.keys() and len(kept.masks) == 14
+    assert all(torch.equal(kept.masks[k], spilled.masks[k]) for k in kept.masks)
+    assert all(file_mapped(list(spilled.masks.values())))

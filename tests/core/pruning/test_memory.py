@@ -90,3 +90,17 @@ def test_moving_off_the_cpu_lets_go_of_the_checkpoint_pages(tmp_path):
 def test_file_mapped_is_false_for_ordinary_and_partial_tensors():
     t = torch.randn(64, 64)
     assert memory.file_mapped([t, t[1:], torch.empty(0)]) == [False, False, False]
+
+
+@linux_only
+def test_spilled_tensors_read_back_equal_but_are_held_by_their_file(tmp_path):
+    t = {"mask": torch.randint(0, 255, (1 << 20,), dtype=torch.uint8), "other": torch.randn(300, 70)}
+    before = rss_file_kib()
+    back = memory.spill_to_file(t, tmp_path / "spill.safetensors")
+    assert rss_file_kib() - before < 64  # 1 MiB written, not resident until read (a header page may be)
+    assert back.keys() == t.keys() and all(torch.equal(back[k], t[k]) for k in t)
+    assert memory.file_mapped(list(back.values())) == [True, True]
+    (tmp_path / "spill.safetensors").unlink()  # the mapping outlives the name (POSIX)
+    assert torch.equal(back["mask"], t["mask"])
+    assert memory.spill_to_file({}, tmp_path / "none.safetensors") == {}
+    assert not (tmp_path / "none.safetensors").exists()
