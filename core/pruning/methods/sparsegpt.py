@@ -15,7 +15,7 @@ from core.pruning.methods.base import Method, Pruned, Stats, Target, tokens_firs
 log = logging.getLogger(__name__)
 MAX_DAMP_RETRIES = 6  # damping ×10 each time: 0.01 → 1e4 · mean(diag H)
 HESSIAN_STRIPES = 4  # XᵀX is symmetric: accumulate only the upper triangle, in this many row stripes
-FACTOR_BLOCK = 128  # the in-place factorisation works in blocks this wide at least,
+FACTOR_BLOCK = 256  # the in-place factorisation works in blocks this wide at least (10-25% faster than 128 to d=2048),
 FACTOR_MAX_BLOCKS = 16  # and in at most this many (its Python-level steps grow with their square)
 
 
