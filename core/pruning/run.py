@@ -22,6 +22,7 @@ from core.pruning import calibration, engine, evaluate, export, methods, models
 from core.pruning.config import PruneConfig
 from core.pruning.errors import Cancelled
 from core.pruning.export import FileEntry
+from core.pruning.memory import reusing_freed_memory
 from core.pruning.progress import Progress, ProgressFn, StopFn, never_stop, no_progress
 
 log = logging.getLogger(__name__)
@@ -59,7 +60,11 @@ class _Clock:
 
 def prune(config: PruneConfig, out_dir: Path | str, on_progress: ProgressFn = no_progress,
           should_stop: StopFn = never_stop) -> PruneResult:
-    out_dir = Path(out_dir)
+    with reusing_freed_memory():
+        return _prune(config, Path(out_dir), on_progress, should_stop)
+
+
+def _prune(config: PruneConfig, out_dir: Path, on_progress: ProgressFn, should_stop: StopFn) -> PruneResult:
     export.check_out_dir(out_dir)
     device = resolve_device(config.device)
     if device.type == "cuda":
