@@ -16,6 +16,7 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
+from core.filemode import as_if_opened
 from core.hashing import sha256_file
 
 MANIFEST = "manifest.json"
@@ -77,9 +78,10 @@ def write_output(out_dir: Path, *, model: nn.Module | None, tokenizer: Any, mask
         if extra is not None:
             extra(tmp)
         (tmp / METRICS).write_text(json.dumps(metrics, indent=2, default=_json_default) + "\n")
+        written = [p for p in sorted(tmp.rglob("*")) if p.is_file()]
+        as_if_opened(*written)
         files = [FileEntry(p.relative_to(tmp).as_posix(), p.stat().st_size, sha256_file(p),
-                           kind_of(p.relative_to(tmp).as_posix()))
-                 for p in sorted(tmp.rglob("*")) if p.is_file()]
+                           kind_of(p.relative_to(tmp).as_posix())) for p in written]
         manifest = {"format": "secateurs.manifest/1", "files": [asdict(f) for f in files]}
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
         if out_dir.exists():

@@ -6,6 +6,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
+from core.filemode import as_if_opened
 from core.storage import CHUNK, ObjectInfo, Storage, StorageError, check_key
 
 
@@ -37,6 +38,7 @@ class LocalStorage(Storage):
                     out.write(chunk)
                 out.flush()
                 os.fsync(out.fileno())
+            as_if_opened(Path(tmp))
             os.replace(tmp, dest)
         except BaseException:
             Path(tmp).unlink(missing_ok=True)

@@ -1,6 +1,8 @@
 """End to end on tiny models of every supported architecture: prune, export, reload with transformers,
 and check sparsity and pattern on the reloaded weights."""
 import json
+import os
+import stat
 
 import pytest
 import torch
@@ -158,3 +160,15 @@ def test_existing_non_empty_output_is_refused_before_work(tiny_model, tmp_path):
     with pytest.raises(FileExistsError):
         prune(config(tiny_model("llama"), "wanda", "0.5"), tmp_path / "o")
     assert [p.name for p in (tmp_path / "o").iterdir()] == ["keep.txt"]
+
+
+def test_every_exported_file_has_the_mode_the_umask_gives(tiny_model, tmp_path):
+    # safetensors ≥ 0.8 writes through a 0600 temp file: others (a serving user, another container) could not read
+    old = os.umask(0o022)
+    try:
+        prune(config(tiny_model("llama"), "wanda", "0.5"), tmp_path / "o")
+    finally:
+        os.umask(old)
+    modes = {p.name: stat.S_IMODE(p.stat().st_mode) for p in (tmp_path / "o").iterdir()}
+    assert {"model.safetensors", "masks.safetensors", "metrics.json"} <= set(modes)
+    assert set(modes.values()) == {0o644}, modes

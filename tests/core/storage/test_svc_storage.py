@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import stat
 from pathlib import Path
 
 import httpx
@@ -76,6 +77,16 @@ def test_local_exposes_paths_and_no_presigned_url(local: LocalStorage, tmp_path:
     assert local.local_path("a/b") == (tmp_path / "root" / "a" / "b").resolve()
     assert local.presigned_url("a/b") is None
     assert not list((tmp_path / "root" / "a").glob(".upload-*"))
+
+
+def test_local_objects_have_the_mode_the_umask_gives(local: LocalStorage, tmp_path: Path):
+    src, _ = _blob(tmp_path, 10)
+    old = os.umask(0o027)
+    try:
+        local.put_file("a/b", src)
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE(local.local_path("a/b").stat().st_mode) == 0o640
 
 
 def test_s3_multipart_upload_still_has_whole_file_sha256(s3: S3Storage, tmp_path: Path):
