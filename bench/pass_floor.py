@@ -57,6 +57,7 @@ def measure(model_dir: str, tokens_path: str, dtype: str) -> dict:
             rows.append({"block": i, "full_s": full, "stats_s": stats})
             inputs.advance(block)
     return {
+        "calibration": list(tokens.shape),
         "blocks": rows,
         "full_pass_s": sum(r["full_s"] for r in rows),
         "stats_pass_s": sum(r["stats_s"] for r in rows),
@@ -76,7 +77,7 @@ def main() -> None:
     args = p.parse_args()
     C.set_threads(args.threads)
     m = measure(args.model, args.tokens, args.dtype)
-    print(f"{args.model} ({args.dtype}, {args.threads} threads), calibration {list(C.load_tokens(args.tokens).shape)}")
+    print(f"{args.model} ({args.dtype}, {args.threads} threads), calibration {m['calibration']}")
     print(f"  one full pass of every block           {m['full_pass_s']:7.2f} s")
     print(f"  one statistics pass (to the last input) {m['stats_pass_s']:7.2f} s")
     print(f"  ours: statistics + pruned passes        {m['ours_floor_s']:7.2f} s")
