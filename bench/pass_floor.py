@@ -34,6 +34,7 @@ def measure(model_dir: str, tokens_path: str, dtype: str) -> dict:
     import torch
 
     from core.pruning import engine, models
+    from core.pruning.memory import reusing_freed_memory
     from core.pruning.run import TOKENS_PER_BATCH
 
     loaded = models.load(model_dir, dtype)
@@ -41,7 +42,8 @@ def measure(model_dir: str, tokens_path: str, dtype: str) -> dict:
     tokens = C.load_tokens(tokens_path)
     _, blocks = models.find_blocks(model)
     cpu = torch.device("cpu")
-    with torch.no_grad():
+    # the allocator setting prune() runs under: without it every window's activations come from fresh pages
+    with torch.no_grad(), reusing_freed_memory():
         inputs = engine.capture(model, blocks, tokens, cpu, max(1, TOKENS_PER_BATCH // tokens.shape[1]))
         rows = []
         for i, block in enumerate(blocks):
