@@ -15,6 +15,7 @@ from rich.table import Table
 
 from core.pruning.config import NAMED_SETS, PruneConfig
 from core.pruning.errors import PruningError
+from core.pruning.locations import is_local_model
 from core.pruning.progress import Progress as Report
 
 err = Console(stderr=True)
@@ -129,8 +130,7 @@ def prune(
     cfg = build_config(**locals())
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         fail(f"--out: {out} exists and is not empty")
-    mp = Path(model).expanduser()
-    if (mp.is_absolute() or model.startswith((".", "~")) or mp.exists()) and not mp.is_dir():
+    if is_local_model(model) and not Path(model.removeprefix("file://")).expanduser().is_dir():
         fail(f"--model: directory {model} does not exist")
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
 

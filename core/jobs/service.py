@@ -23,6 +23,7 @@ from core.errors import Conflict, InvalidInput, NotFound
 from core.jobs.schemas import JobCreate
 from core.jobs.state import TERMINAL, JobStatus, transition
 from core.pruning.config import PruneConfig
+from core.pruning.locations import names_local_path
 from core.settings import Settings
 
 HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,95}(/[A-Za-z0-9][A-Za-z0-9._-]{0,95})?$")
@@ -35,8 +36,7 @@ def classify_model(model: str, roots: list[Path]) -> str:
         if not S3_URI.match(model):
             raise InvalidInput.field(["model"], "not a valid s3://bucket/prefix URI")
         return "s3"
-    looks_local = model.startswith(("/", ".", "~", "file:")) or "\\" in model or model.count("/") > 1
-    if not looks_local:
+    if not names_local_path(model):
         if ".." in model or not HUB_ID.match(model):
             raise InvalidInput.field(["model"], "not a hub id (org/name), an allowed local path or an s3:// URI")
         return "hub"

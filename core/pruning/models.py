@@ -12,6 +12,7 @@ from torch import nn
 
 from core.pruning import memory
 from core.pruning.errors import InvalidModelError, ModelNotFoundError
+from core.pruning.locations import is_local_model
 
 try:  # GPT-2 style layers store the weight as [in, out]
     from transformers.pytorch_utils import Conv1D
@@ -33,8 +34,8 @@ def load(model_id: str, dtype: str = "auto", trust_remote_code: bool = False, re
     """Load a checkpoint (local directory or hub id) on CPU; blocks are moved to the device one at a time."""
     from transformers import AutoConfig, AutoTokenizer
 
-    path = Path(model_id).expanduser()
-    looks_local = path.is_absolute() or model_id.startswith((".", "~")) or path.exists()
+    path = Path(model_id.removeprefix("file://")).expanduser()
+    looks_local = is_local_model(model_id)
     if looks_local and not path.is_dir():
         raise ModelNotFoundError(f"model directory {model_id!r} does not exist")
     if looks_local and not (path / "config.json").is_file():
