@@ -97,7 +97,7 @@ def _windows(ids: torch.Tensor, n: int, seqlen: int, gen: torch.Generator, what:
 
 
 def _c4_windows(docs: list[str], tokenizer: Any, n: int, seqlen: int, gen: torch.Generator) -> torch.Tensor:
-    out = []
+    out: list[torch.Tensor] = []
     for _ in range(100 * n):
         if len(out) == n:
             break

@@ -6,6 +6,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, cast
 
 import torch
 from torch import nn
@@ -17,7 +18,7 @@ from core.pruning.locations import is_local_model
 try:  # GPT-2 style layers store the weight as [in, out]
     from transformers.pytorch_utils import Conv1D
 except ImportError:  # pragma: no cover - very old transformers
-    Conv1D = ()  # type: ignore[assignment]
+    Conv1D = ()  # type: ignore[assignment, misc]
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
@@ -48,8 +49,9 @@ def load(model_id: str, dtype: str = "auto", trust_remote_code: bool = False, re
         raise ModelNotFoundError(f"cannot load model {model_id!r}: {_first_line(e)}") from e
     except (ValueError, KeyError) as e:
         raise InvalidModelError(f"{model_id!r} is not a supported model: {_first_line(e)}") from e
-    torch_dtype = DTYPES.get(dtype, "auto")
-    load_kw = dict(kw, low_cpu_mem_usage=True, use_safetensors=_has_safetensors(path) if looks_local else None)
+    torch_dtype: torch.dtype | str = DTYPES.get(dtype, "auto")
+    load_kw: dict[str, Any] = dict(kw, low_cpu_mem_usage=True,
+                                   use_safetensors=_has_safetensors(path) if looks_local else None)
     load_kw[_dtype_kwarg()] = torch_dtype
     cls, causal = model_class(config, trust_remote_code)
     try:
@@ -63,7 +65,7 @@ def load(model_id: str, dtype: str = "auto", trust_remote_code: bool = False, re
     return Loaded(model=model, tokenizer=tokenizer, causal=causal, source=src)
 
 
-def model_class(config: object, trust_remote_code: bool) -> tuple[type, bool]:
+def model_class(config: object, trust_remote_code: bool) -> tuple[Any, bool]:
     """The class the checkpoint declares (so an encoder keeps its own head, or none), else a causal LM."""
     import transformers
     from transformers import AutoModel, AutoModelForCausalLM
@@ -98,7 +100,8 @@ def find_blocks(model: nn.Module) -> tuple[str, nn.ModuleList]:
     """The longest ModuleList of same-class modules that contain linears: the model's repeated blocks.
     Where the model names its text decoder (vision-language models), only lists inside it count."""
     try:
-        decoder = model.get_decoder() if hasattr(model, "get_decoder") else None
+        get_decoder = getattr(model, "get_decoder", None)
+        decoder = get_decoder() if callable(get_decoder) else None
     except (AttributeError, NotImplementedError, TypeError):
         decoder = None
     inside = {id(m) for m in decoder.modules()} if isinstance(decoder, nn.Module) else None
@@ -130,13 +133,13 @@ def prunable_layers(block: nn.Module) -> dict[str, nn.Module]:
 
 def get_weight(layer: nn.Module) -> torch.Tensor:
     """Weight as [out_features, in_features] (a view; Conv1D stores the transpose)."""
-    w = layer.weight.data
+    w = _weight(layer).data
     return w if isinstance(layer, nn.Linear) else w.t()
 
 
 def set_weight(layer: nn.Module, w: torch.Tensor) -> None:
     """Write a [out, in] weight back in the layer's own layout and dtype."""
-    target = layer.weight.data
+    target = _weight(layer).data
     src = w if isinstance(layer, nn.Linear) else w.t()
     if src.data_ptr() == target.data_ptr() and src.stride() == target.stride():
         return  # already pruned in place (masks_only methods)
@@ -148,11 +151,15 @@ def own_weights(layers: list[nn.Module]) -> None:
     memory of their own, and the file's pages are let go. A write into the mapping faults page by page,
     copying each page of the file first (~9 µs a page on a VM, where a fresh page costs ~1 µs: 0.7 s of a
     110M float32 model's run); writing into new memory while the mapping stays would hold both."""
-    weights = [layer.weight.data for layer in layers]
-    for layer, old, mapped in zip(layers, weights, memory.file_mapped(weights)):
+    weights = [_weight(layer).data for layer in layers]
+    for layer, old, mapped in zip(layers, weights, memory.file_mapped(weights), strict=True):
         if mapped:
             layer.weight.data = old.clone()
             memory.release_file_pages(old)
+
+
+def _weight(layer: nn.Module) -> torch.Tensor:
+    return cast(torch.Tensor, layer.weight)
 
 
 def in_features(layer: nn.Module) -> int:
@@ -202,7 +209,7 @@ def move(module: nn.Module, device: torch.device) -> None:
 @contextmanager
 def _letting_go_of_mapped(tensors: list[torch.Tensor], device: torch.device) -> Iterator[None]:
     old = [t.data for t in tensors] if device.type != "cpu" else []
-    mapped = [t for t, m in zip(old, memory.file_mapped(old)) if m]
+    mapped = [t for t, m in zip(old, memory.file_mapped(old), strict=True) if m]
     del old
     yield
     for t in mapped:
