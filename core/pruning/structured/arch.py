@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
@@ -73,7 +74,7 @@ def _param(t: torch.Tensor, like: nn.Parameter) -> nn.Parameter:
     return nn.Parameter(t.contiguous(), requires_grad=like.requires_grad)
 
 
-def keep_outputs(layer: nn.Module, idx: torch.Tensor) -> None:
+def keep_outputs(layer: Any, idx: torch.Tensor) -> None:
     """Keep output features idx (rows of a Linear weight, columns of a Conv1D weight)."""
     conv = not isinstance(layer, nn.Linear)
     w = layer.weight.data
@@ -86,7 +87,7 @@ def keep_outputs(layer: nn.Module, idx: torch.Tensor) -> None:
         layer.out_features = len(idx)
 
 
-def keep_inputs(layer: nn.Module, idx: torch.Tensor) -> None:
+def keep_inputs(layer: Any, idx: torch.Tensor) -> None:
     """Keep input features idx (columns of a Linear weight, rows of a Conv1D weight)."""
     conv = not isinstance(layer, nn.Linear)
     w = layer.weight.data
@@ -97,7 +98,7 @@ def keep_inputs(layer: nn.Module, idx: torch.Tensor) -> None:
         layer.in_features = len(idx)
 
 
-def add_to_bias(layer: nn.Module, delta: torch.Tensor) -> None:
+def add_to_bias(layer: Any, delta: torch.Tensor) -> None:
     if layer.bias is None:
         layer.bias = nn.Parameter(torch.zeros(delta.shape[0], dtype=layer.weight.dtype, device=layer.weight.device),
                                   requires_grad=layer.weight.requires_grad)
@@ -112,7 +113,8 @@ def reference(model: nn.Module, config) -> nn.Module:
         try:
             return type(model)(config)
         except Exception as e:  # noqa: BLE001 - any failure means the config cannot express the model
-            raise InvalidModelError(f"transformers cannot build {type(model).__name__} from the edited config: {e}")
+            raise InvalidModelError(
+                f"transformers cannot build {type(model).__name__} from the edited config: {e}") from e
 
 
 def edited(config, **changes):

@@ -1,6 +1,8 @@
 """Depth pruning: remove whole blocks ranked by ShortGPT block influence (lowest first)."""
 from __future__ import annotations
 
+from typing import Any, cast
+
 import torch
 from torch import nn
 
@@ -24,8 +26,8 @@ def drop_blocks(model: nn.Module, remove: list[int]) -> None:
     for j, block in enumerate(new):
         for m in block.modules():
             if hasattr(m, "layer_idx"):
-                m.layer_idx = j
-    cfg = model.config
+                cast(Any, m).layer_idx = j
+    cfg: Any = model.config
     n_old = cfg.num_hidden_layers
     cfg.num_hidden_layers = len(keep)
     for key in PER_LAYER_KEYS:

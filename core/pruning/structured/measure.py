@@ -5,6 +5,7 @@ import inspect
 import statistics
 import time
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
@@ -45,7 +46,8 @@ def generation_speed(model: nn.Module, prompt_len: int = 128, new_tokens: int = 
     if limit:
         prompt_len = min(prompt_len, limit - new_tokens)
     g = torch.Generator().manual_seed(seed)
-    ids = torch.randint(0, model.config.vocab_size, (1, prompt_len), generator=g).to(dev)
+    config: Any = model.config
+    ids = torch.randint(0, config.vocab_size, (1, prompt_len), generator=g).to(dev)
     sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
 
     key = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"  # 5.x renamed it

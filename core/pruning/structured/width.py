@@ -14,8 +14,10 @@ def _complement(n: int, removed: list[int]) -> torch.Tensor:
     return torch.tensor([i for i in range(n) if i not in gone], dtype=torch.long)
 
 
-def _compensate(out: nn.Module, channels: torch.Tensor, stats: ChannelStats) -> None:
+def _compensate(out: nn.Module, channels: torch.Tensor, stats: ChannelStats | None) -> None:
     """FLAP bias compensation: b ← b + W[:, R] · E[x_R], so the removed channels' mean still reaches the output."""
+    if stats is None:
+        raise ValueError("bias compensation needs the calibration channel statistics")
     w = models.get_weight(out).double()
     arch.add_to_bias(out, (w[:, channels] @ stats.mean[channels].to(w.device)).float())
 
