@@ -1,18 +1,27 @@
 # The two commands of the README: `make demo` (the main job end to end, embedded defaults) and `make test`.
+# `make lint`: ruff (lint, format check) and mypy, as configured in pyproject.toml; .ci/run runs it before the tests.
 PYTHON ?= python3
 PIP := $(PYTHON) -m pip
 
-.PHONY: install install-test demo test
+.PHONY: install install-test demo test lint
 
 install:
 	$(PYTHON) -c "import torch" 2>/dev/null || $(PIP) install "torch>=2.4"
 	$(PIP) install -q -e ".[datasets]"
 
 install-test: install
-	$(PIP) install -q -e ".[test,datasets]"
+	$(PIP) install -q -e ".[test,lint,datasets]"
 
 demo: install
 	$(PYTHON) -m core.cli service demo
 
 test: install-test
 	$(PYTHON) -m pytest
+
+# all three checks run; the target fails if any of them failed
+lint: install-test
+	@rc=0; \
+	echo "+ ruff check ."; $(PYTHON) -m ruff check . || rc=1; \
+	echo "+ ruff format --check ."; $(PYTHON) -m ruff format --check . || rc=1; \
+	echo "+ mypy"; $(PYTHON) -m mypy || rc=1; \
+	exit $$rc
