@@ -57,18 +57,18 @@ class SharedStats:
 
     def __init__(self, method: Method, layers: dict[str, nn.Module], device: torch.device):
         self.method, self.layers, self.device = method, layers, device
-        self.inputs = SharedInputs()
-        self.owner = self.inputs.first_reader  # layer -> the layer whose statistic it uses
+        self.sharing = SharedInputs()
+        self.owner = self.sharing.first_reader  # layer -> the layer whose statistic it uses (filled by `see`)
         self.stats: dict[str, Stats] = {}
 
     def add(self, name: str, x: torch.Tensor) -> None:
         if name not in self.owner:
-            if self.inputs.see(name, x) == name:
+            if self.sharing.see(name, x) == name:
                 stats = self.method.stats(models.in_features(self.layers[name]), self.device)
                 assert stats is not None, f"{self.method.name} collects no statistics"
                 self.stats[name] = stats
             if len(self.owner) == len(self.layers):
-                self.inputs.release()
+                self.sharing.release()
         if self.owner[name] == name:
             self.stats[name].add_batch(x)
 

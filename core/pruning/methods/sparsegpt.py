@@ -34,7 +34,7 @@ class Hessian(Stats):
         self.n += b
         # bf16 activations (a bf16 model) are multiplied on bf16 units, exactly, with float32 sums
         with exact_fp32_products(source, x.device):
-            self.H.scale_add(x, scale, alpha=2 / self.n)
+            self.H.scale_add(x, scale, alpha=2 / self.n)  # H ← H·n/(n+b) + (2/(n+b))·XᵀX
 
     @property
     def nbytes(self) -> int:
