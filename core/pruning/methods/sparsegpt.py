@@ -67,9 +67,10 @@ class SparseGPT(Method):
     def prune_many(self, ws: list[torch.Tensor], stats: Stats | None, target: Target) -> list[Pruned]:
         """Layers sharing one Hessian are swept together, their rows stacked: every row's OBS update depends
         only on that row and H⁻¹, so this equals pruning them one by one (the unstructured threshold is still
-        taken per layer), with a third of the column steps for q/k/v."""
+        taken per layer), with a third of the column steps for q/k/v.
+        U is the upper Cholesky factor of the damped inverse Hessian: UᵀU = (H + λI)⁻¹, λ = percdamp·mean(diag H)."""
         assert isinstance(stats, Hessian)
-        U, dead, damp, retries = stats.factor(self.config.percdamp)  # UᵀU = (H + λI)⁻¹, λ = percdamp·mean(diag H)
+        U, dead, damp, retries = stats.factor(self.config.percdamp)
         rows = [w.shape[0] for w in ws]
         # work on float32 Wᵀ [in, out], the layers' rows side by side: column i of W is the contiguous row i here
         Wt = torch.empty(ws[0].shape[1], sum(rows), dtype=torch.float32, device=U.device)
