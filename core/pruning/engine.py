@@ -151,12 +151,13 @@ def prune_blocks(model: nn.Module, tokens: torch.Tensor, method: Method, *, devi
     masks: dict[str, torch.Tensor] = {}
     shapes: dict[str, list[int]] = {}
     skipped: list[str] = []
+    block_masks: dict[int, dict[str, torch.Tensor]] = {}  # a pruned block's packed masks, until it is finished
 
     def prune_block(i: int, block: nn.Module, inputs: BlockInputs) -> list[torch.Tensor] | None:
         """Prune the block in place; returns its dense outputs when those are what the next block reads."""
         targets = _targets(block, f"{prefix}.{i}", block_sparsity[i], nm, exclude, overrides)
         layers = {n: m for n, m in block.named_modules() if n in targets}
-        block_masks: dict[str, torch.Tensor] = {}
+        masks_of_block: dict[str, torch.Tensor] = {}
         groups = sequential_groups(block, layers, inputs) if true_sequential and layers else [list(layers)]
         collects = method.needs_inputs and bool(groups[0])
         dense_out = inputs.run(block) if propagate == "dense" and not collects else None
@@ -179,20 +180,26 @@ def prune_blocks(model: nn.Module, tokens: torch.Tensor, method: Method, *, devi
                 ws = [_weight_to_prune(layers[n], method, device) for n in names]
                 results = method.prune_many(ws, stats[names[0]], targets[names[0]])
                 del ws
-                reports.extend(_write_back(layers[n], r, f"{prefix}.{i}.{n}", targets[n], block_masks, shapes)
+                reports.extend(_write_back(layers[n], r, f"{prefix}.{i}.{n}", targets[n], masks_of_block, shapes)
                                for n, r in zip(names, results, strict=True))
                 del results
                 for n in names:  # a statistic (and its factorisation) goes once its last layer is pruned
                     stats[n] = None
                 release_freed_memory()  # so that the transients of successive groups do not pile up
             del stats
-        masks.update(spill_to_file(block_masks, spill_dir / f"masks-{i:05d}.safetensors") if spill_dir else block_masks)
-        del block_masks
+        block_masks[i] = masks_of_block
+        return dense_out if propagate == "dense" else None
+
+    def finish_block(i: int) -> None:
+        """Once the next block's inputs are made: the block's masks out of memory, then its progress."""
+        done_masks = block_masks.pop(i)
+        masks.update(spill_to_file(done_masks, spill_dir / f"masks-{i:05d}.safetensors") if spill_dir else done_masks)
+        del done_masks
         release_freed_memory()
         done = {r.name: r.sparsity for r in reports if r.name.startswith(f"{prefix}.{i}.")}
         on_progress(Progress("prune", f"block {i + 1}/{len(blocks)}", block=i, total_blocks=len(blocks),
                              data={"layers": done}))
-        return dense_out if propagate == "dense" else None
 
-    walk_blocks(model, tokens, prune_block, device=device, batch_size=batch_size, should_stop=should_stop)
+    walk_blocks(model, tokens, prune_block, device=device, batch_size=batch_size, should_stop=should_stop,
+                after=finish_block)
     return EngineResult(reports, masks, shapes, skipped)

@@ -209,11 +209,12 @@ Visit = Callable[[int, nn.Module, BlockInputs], list[torch.Tensor] | None]
 
 
 def walk_blocks(model: nn.Module, tokens: torch.Tensor, visit: Visit, *, device: torch.device, batch_size: int,
-                should_stop: StopFn = never_stop) -> None:
+                should_stop: StopFn = never_stop, after: Callable[[int], None] | None = None) -> None:
     """Capture the first block's inputs from calibration windows `tokens` [n, seqlen] (batches of batch_size),
     then for each block: stop if asked (Cancelled), move the block to the device, call visit(i, block, inputs)
     and make the next block's inputs, which are the outputs the visit returns or, when it returns None, those
-    of the block as the visit left it (pruned), run again."""
+    of the block as the visit left it (pruned), run again. after(i), if given, runs once block i is done and
+    back off the device."""
     _, blocks = models.find_blocks(model)
     inputs = capture(model, blocks, tokens, device, batch_size)
     for i, block in enumerate(blocks):
@@ -227,3 +228,5 @@ def walk_blocks(model: nn.Module, tokens: torch.Tensor, visit: Visit, *, device:
                 inputs.hidden = outs
             else:
                 inputs.advance(block)
+        if after is not None:
+            after(i)
