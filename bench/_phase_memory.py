@@ -18,7 +18,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 sys.path.insert(1, str(HERE.parent))
 
-import _common as C
+import _common as C  # noqa: E402
 
 
 def rss_mib() -> int:
@@ -39,7 +39,7 @@ def main() -> None:
     dtype = sys.argv[5] if len(sys.argv) > 5 else "float32"
     only = int(sys.argv[6]) if len(sys.argv) > 6 else None
     C.set_threads(2)
-    from core.pruning import engine
+    from core.pruning import engine, walk
     from core.pruning.methods import REGISTRY
     from core.pruning.run import prune
 
@@ -67,8 +67,9 @@ def main() -> None:
         setattr(owner, name, traced)
 
     for name in ("collect", "advance", "run"):
-        wrap(engine.BlockInputs, name, name)
-    for name in ("capture", "_weight_to_prune", "_write_back", "release_freed_memory"):
+        wrap(walk.BlockInputs, name, name)
+    wrap(walk, "capture", "capture")
+    for name in ("_weight_to_prune", "_write_back", "release_freed_memory"):
         wrap(engine, name, name.lstrip("_"))
     for cls in REGISTRY.values():
         wrap(cls, "prune_many", f"{cls.name}.prune_many")

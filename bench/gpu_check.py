@@ -28,7 +28,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from core.pruning.config import CalibrationConfig, ExportConfig, PruneConfig  # noqa: E402
-from core.pruning.methods.sparsegpt import factor_in_place  # noqa: E402
+from core.pruning.linalg import factor_in_place  # noqa: E402
 from core.pruning.run import prune  # noqa: E402
 from tests.fixtures import tiny_models  # noqa: E402
 

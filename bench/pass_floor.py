@@ -27,13 +27,13 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 sys.path.insert(1, str(HERE.parent))
 
-import _common as C
+import _common as C  # noqa: E402
 
 
 def measure(model_dir: str, tokens_path: str, dtype: str) -> dict:
     import torch
 
-    from core.pruning import engine, models
+    from core.pruning import models, walk
     from core.pruning.memory import reusing_freed_memory
     from core.pruning.run import TOKENS_PER_BATCH
 
@@ -44,7 +44,7 @@ def measure(model_dir: str, tokens_path: str, dtype: str) -> dict:
     cpu = torch.device("cpu")
     # the allocator setting prune() runs under: without it every window's activations come from fresh pages
     with torch.no_grad(), reusing_freed_memory():
-        inputs = engine.capture(model, blocks, tokens, cpu, max(1, TOKENS_PER_BATCH // tokens.shape[1]))
+        inputs = walk.capture(model, blocks, tokens, cpu, max(1, TOKENS_PER_BATCH // tokens.shape[1]))
         rows = []
         for i, block in enumerate(blocks):
             layers = models.prunable_layers(block)

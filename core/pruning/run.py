@@ -109,7 +109,7 @@ def _prune(config: PruneConfig, out_dir: Path, on_progress: ProgressFn, should_s
     masks, shapes, block_sparsity, skipped = {}, {}, None, []
     if config.sparsity is not None or config.nm is not None:
         with clock.stage("schedule"):
-            block_sparsity = _block_sparsity(config, model, cal.tokens, device, batch)
+            block_sparsity = _block_sparsity(config, model, cal.tokens, device, batch, should_stop)
         with clock.stage("prune"), _scratch_beside(out_dir) as spill:
             res = engine.prune_blocks(
                 model, cal.tokens, method, device=device, block_sparsity=block_sparsity, nm=config.nm,
@@ -196,13 +196,13 @@ def _perplexity(model: torch.nn.Module, ids: torch.Tensor, seqlen: int, config: 
 
 
 def _block_sparsity(config: PruneConfig, model: torch.nn.Module, tokens: torch.Tensor, device: torch.device,
-                    batch: int) -> list[float]:
+                    batch: int, should_stop: StopFn) -> list[float]:
     _, blocks = models.find_blocks(model)
     if config.schedule.kind == "uniform" or config.nm is not None:
         return [config.target_sparsity] * len(blocks)
     from core.pruning import schedules
 
-    return schedules.for_model(config, model, tokens, device=device, batch_size=batch)
+    return schedules.for_model(config, model, tokens, device=device, batch_size=batch, should_stop=should_stop)
 
 
 def _write_compact(tmp: Path) -> None:

@@ -18,6 +18,8 @@ from torch import nn
 from core.pruning import models
 from core.pruning.config import PruneConfig, ScheduleConfig
 from core.pruning.errors import PruningError
+from core.pruning.progress import StopFn, never_stop
+from core.pruning.walk import BlockInputs, hooked, walk_blocks
 
 TOL = 1e-3  # 0.1 percentage point
 HI = 0.99  # no block is pruned beyond this
@@ -28,7 +30,7 @@ class ScheduleError(PruningError):
 
 
 def _mean(s: Sequence[float], w: Sequence[float]) -> float:
-    return sum(a * b for a, b in zip(s, w)) / sum(w)
+    return sum(a * b for a, b in zip(s, w, strict=True)) / sum(w)
 
 
 def _fit_mean(s: list[float], w: list[float], target: float, lo: float = 0.0, hi: float = HI) -> list[float]:
@@ -106,28 +108,29 @@ def owl_outlier_ratio(weights: Iterable[torch.Tensor], input_sq: Iterable[torch.
     return sum(int((score(w, s) > cut).sum()) for w, s in pairs) / n
 
 
-@torch.no_grad()
 def owl_scores(model: nn.Module, tokens: torch.Tensor, *, m: float = 5.0, device: torch.device | str = "cpu",
-               batch_size: int = 8, exclude: Sequence[str] = ()) -> tuple[list[float], list[int]]:
+               batch_size: int = 8, exclude: Sequence[str] = (),
+               should_stop: StopFn = never_stop) -> tuple[list[float], list[int]]:
     """Dense pre-pass, one block at a time with the engine's walker: (outlier ratio, prunable weights) of each
     block, over its prunable linears not matched by `exclude` (regexes of full layer names)."""
-    from core.pruning.engine import capture, hooked, on_device
     from core.pruning.methods.wanda import InputNorms
 
     device = torch.device(device)
-    prefix, blocks = models.find_blocks(model)
-    inputs = capture(model, blocks, tokens, device, batch_size)
+    prefix, _ = models.find_blocks(model)
     ratios, sizes = [], []
-    for i, block in enumerate(blocks):
+
+    def score_block(i: int, block: nn.Module, inputs: BlockInputs) -> list[torch.Tensor]:
         layers = {n: l for n, l in models.prunable_layers(block).items()
                   if models.select([f"{prefix}.{i}.{n}"], list(exclude))}
-        with on_device(block, device):
-            stats = {n: InputNorms(models.in_features(l), device) for n, l in layers.items()}
-            with hooked(layers, lambda n, x, st=stats: st[n].add_batch(x)):
-                inputs.hidden = inputs.run(block)
-            ws = [models.get_weight(l) for l in layers.values()]
-            ratios.append(owl_outlier_ratio(ws, [stats[n].sq for n in layers], m) if ws else 0.0)
-            sizes.append(sum(w.numel() for w in ws))
+        stats = {n: InputNorms(models.in_features(l), device) for n, l in layers.items()}
+        with hooked(layers, lambda n, x: stats[n].add_batch(x)):
+            outs = inputs.run(block)
+        ws = [models.get_weight(l) for l in layers.values()]
+        ratios.append(owl_outlier_ratio(ws, [stats[n].sq for n in layers], m) if ws else 0.0)
+        sizes.append(sum(w.numel() for w in ws))
+        return outs
+
+    walk_blocks(model, tokens, score_block, device=device, batch_size=batch_size, should_stop=should_stop)
     return ratios, sizes
 
 
@@ -139,12 +142,12 @@ def block_weights(model: nn.Module, exclude: Sequence[str] = ()) -> list[int]:
 
 
 def for_model(config: PruneConfig, model: nn.Module, tokens: torch.Tensor, *, device: torch.device | str = "cpu",
-              batch_size: int = 8) -> list[float]:
+              batch_size: int = 8, should_stop: StopFn = never_stop) -> list[float]:
     """The schedule of `config` for this model (runs the OWL pre-pass when needed)."""
     target = config.target_sparsity
     if config.schedule.kind == "owl":
         ratios, sizes = owl_scores(model, tokens, m=config.schedule.owl_m, device=device, batch_size=batch_size,
-                                   exclude=config.exclude)
+                                   exclude=config.exclude, should_stop=should_stop)
         return block_sparsities(config, target, len(sizes), ratios, sizes)
     sizes = block_weights(model, config.exclude)
     return block_sparsities(config, target, len(sizes), None, sizes)

@@ -14,12 +14,12 @@ from torch import nn
 
 from core.pruning import models
 from core.pruning.config import StructureConfig
-from core.pruning.engine import capture, on_device
-from core.pruning.errors import Cancelled, InvalidModelError
+from core.pruning.errors import InvalidModelError
 from core.pruning.progress import Progress, ProgressFn, StopFn, never_stop, no_progress
 from core.pruning.structured import arch, depth, width
 from core.pruning.structured.measure import generation_speed, weight_bytes
 from core.pruning.structured.scores import ChannelStats, Influence
+from core.pruning.walk import BlockInputs, hooked, walk_blocks
 
 
 def _count(frac: float, n: int) -> int:
@@ -46,29 +46,30 @@ def plan(model: nn.Module, cfg: StructureConfig) -> dict[str, Any]:
         p["mlp"] = {"spec": spec, "before": n, "remove": k,
                     "compensate": cfg.bias_compensation and _bias_ok(model, spec.out, spec.bias_flag, p, "MLP")}
     if cfg.heads:
-        spec = arch.find_attn(b0)
-        if spec is None:
+        attn = arch.find_attn(b0)
+        if attn is None:
             raise InvalidModelError(
                 f"{type(model).__name__}: attention heads cannot be removed: its config derives head_dim from "
                 "hidden_size / num_attention_heads (or fuses q, k, v), so stock transformers could not load fewer heads")
         h, kv, hd = arch.head_layout(conf)
         want = _count(cfg.heads, kv)
-        k, why = None, None
+        removed: int | None = None
+        why: str | None = None
         for cand in sorted(range(1, kv), key=lambda c: (abs(c - want), c)):  # nearest count transformers accepts
             try:
-                _check_heads(model, spec, h - cand * (h // kv), kv - cand, hd)
-                k = cand
+                _check_heads(model, attn, h - cand * (h // kv), kv - cand, hd)
+                removed = cand
                 break
             except InvalidModelError as e:
                 why = why or str(e)
-        if k is None:
+        if removed is None:
             raise InvalidModelError(f"{type(model).__name__}: no head count below {h} can be saved: {why}")
-        if k != want:
-            p["notes"].append(f"heads: {want} of {kv} key/value groups requested, {k} removed instead ({why})")
-        p["attn"] = {"spec": spec, "layout": (h, kv, hd), "remove": k, "requested": want,
-                     "compensate": cfg.bias_compensation and _bias_ok(model, spec.o, spec.bias_flag, p, "attention")}
+        if removed != want:
+            p["notes"].append(f"heads: {want} of {kv} key/value groups requested, {removed} removed instead ({why})")
+        p["attn"] = {"spec": attn, "layout": (h, kv, hd), "remove": removed, "requested": want,
+                     "compensate": cfg.bias_compensation and _bias_ok(model, attn.o, attn.bias_flag, p, "attention")}
         if kv < h:
-            p["notes"].append(f"grouped-query attention: removing {k} of {kv} key/value groups, each with its "
+            p["notes"].append(f"grouped-query attention: removing {removed} of {kv} key/value groups, each with its "
                               f"{h // kv} query heads")
     if cfg.heads or cfg.mlp_channels:
         p["notes"].append("the config holds one size for all blocks: every block loses the same number of "
@@ -101,30 +102,24 @@ def collect(model: nn.Module, tokens: torch.Tensor, p: dict, *, device: torch.de
             on_progress: ProgressFn, should_stop: StopFn) -> tuple[list[float], list[dict[str, ChannelStats]]]:
     """Dense pass, one block on the device at a time: influence of each block, statistics of the inputs of each
     block's MLP output projection and attention output projection."""
-    _, blocks = models.find_blocks(model)
-    inputs = capture(model, blocks, tokens, device, batch_size)
+    n_blocks = len(models.find_blocks(model)[1])
     influence, stats = [], []
     watch = {k: p[k]["spec"].out if k == "mlp" else p[k]["spec"].o for k in ("mlp", "attn") if p[k]}
-    for i, block in enumerate(blocks):
-        if should_stop():
-            raise Cancelled(f"stopped before block {i}")
+
+    def measure_block(i: int, block: nn.Module, inputs: BlockInputs) -> list[torch.Tensor]:
         st = {k: ChannelStats(models.in_features(block.get_submodule(n))) for k, n in watch.items()}
-        hooks = [block.get_submodule(n).register_forward_pre_hook(lambda _m, a, s=st[k]: s.add(a[0].detach()))
-                 for k, n in watch.items()]
+        with hooked({k: block.get_submodule(n) for k, n in watch.items()}, lambda k, x: st[k].add(x)):
+            outs = inputs.run(block)
         bi = Influence()
-        try:
-            with torch.no_grad(), on_device(block, device):
-                outs = inputs.run(block)
-        finally:
-            for hk in hooks:
-                hk.remove()
-        for h_in, h_out in zip(inputs.hidden, outs):
+        for h_in, h_out in zip(inputs.hidden, outs, strict=True):
             bi.add(h_in, h_out)
-        inputs.hidden = outs
         influence.append(bi.value)
         stats.append(st)
-        on_progress(Progress("structure", f"statistics of block {i + 1}/{len(blocks)}", block=i,
-                             total_blocks=len(blocks), data={"influence": bi.value}))
+        on_progress(Progress("structure", f"statistics of block {i + 1}/{n_blocks}", block=i,
+                             total_blocks=n_blocks, data={"influence": bi.value}))
+        return outs
+
+    walk_blocks(model, tokens, measure_block, device=device, batch_size=batch_size, should_stop=should_stop)
     return influence, stats
 
 
@@ -156,7 +151,7 @@ def apply_structure(model: nn.Module, tokens: torch.Tensor, cfg: StructureConfig
     m["blocks"] = {"before": p["n_blocks"], "after": p["n_blocks"] - len(removed_blocks), "removed": removed_blocks}
 
     _, blocks = models.find_blocks(model)
-    conf = model.config
+    conf: Any = model.config
     for flag in p.get("bias_flags", []):
         setattr(conf, flag, True)
     if p["mlp"]:

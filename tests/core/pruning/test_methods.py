@@ -5,8 +5,9 @@ import torch
 from core.pruning import patterns
 from core.pruning.config import PruneConfig
 from core.pruning.errors import NumericalError
+from core.pruning.linalg import factor_in_place, inverse_hessian_cholesky
 from core.pruning.methods import Target, get
-from core.pruning.methods.sparsegpt import Hessian, factor_in_place, inverse_hessian_cholesky
+from core.pruning.methods.sparsegpt import Hessian
 
 
 def cfg(**kw):
@@ -142,7 +143,7 @@ def test_hessian_keeps_only_its_upper_triangle_and_factors_as_the_full_matrix():
     assert h.nbytes <= 0.65 * d * d * 4  # the stripes of the upper triangle, not a d×d matrix
     expected = inverse_hessian_cholesky(h.matrix, 0.01)
     got = h.factor(0.01)
-    assert all(torch.equal(a, b) for a, b in zip(got[:2], expected[:2])) and got[2:] == expected[2:]
+    assert all(torch.equal(a, b) for a, b in zip(got[:2], expected[:2], strict=True)) and got[2:] == expected[2:]
     with pytest.raises(AssertionError, match="consumed"):
         h.add_batch(x)
 
@@ -258,7 +259,7 @@ def test_sparsegpt_stacks_layers_sharing_a_hessian_without_changing_the_result(n
 
     target = Target(0.5, nm)
     together = m.prune_many([w.clone() for w in ws], hessian(), target)
-    for w, res in zip(ws, together):
+    for w, res in zip(ws, together, strict=True):
         alone = m.prune(w.clone(), hessian(), target)
         assert torch.equal(res.mask, alone.mask)
         assert torch.allclose(res.weight, alone.weight, atol=1e-6)
@@ -282,9 +283,9 @@ def test_sparsegpt_reads_the_layers_own_weights_and_leaves_them_unchanged(dtype)
         return st
 
     got = m.prune_many(list(ws), hessian(), Target(0.5))
-    assert all(torch.equal(w, b) for w, b in zip(ws, before))
+    assert all(torch.equal(w, b) for w, b in zip(ws, before, strict=True))
     refs = m.prune_many([w.float() for w in ws], hessian(), Target(0.5))
-    for w, res, ref in zip(ws, got, refs):
+    for w, res, ref in zip(ws, got, refs, strict=True):
         assert res.weight.dtype == torch.float32 and res.weight.shape == w.shape
         assert torch.equal(res.mask, ref.mask)
         assert torch.equal(res.weight, ref.weight)
