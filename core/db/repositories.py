@@ -36,14 +36,6 @@ class JobRepository(TenantScoped):
             q = q.with_for_update()
         return self.session.scalars(q).first()
 
-    def refresh_locked(self, job: Job) -> Job:
-        """Reload a job's row under a row lock (Postgres) / the write lock (SQLite)."""
-        got = self.session.scalars(
-            select(Job).where(Job.tenant_id == self.tenant_id, Job.id == job.id).with_for_update()
-            .execution_options(populate_existing=True)
-        ).one()
-        return got
-
     def list(self, *, statuses: Sequence[str] | None, after: str | None, limit: int) -> tuple[list[Job], bool]:
         q = select(Job).where(Job.tenant_id == self.tenant_id)
         if statuses:

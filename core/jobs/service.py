@@ -1,4 +1,5 @@
-"""API-facing job logic: create (validated into a PruneConfig), get, list, cancel, events, artifacts.
+"""API-facing job logic: submit (validated into a PruneConfig, idempotent by key, published after commit),
+get, list, cancel, events, artifacts.
 
 Services never commit: the caller (request or task) owns the transaction boundary.
 """
@@ -7,6 +8,7 @@ from __future__ import annotations
 import hashlib
 import json
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
@@ -20,8 +22,9 @@ from core.db.ids import new_id
 from core.db.models import Artifact, IdempotencyRecord, Job, JobEvent, utcnow
 from core.db.repositories import CalibrationSetRepository, IdempotencyRepository, JobRepository
 from core.errors import Conflict, InvalidInput, NotFound
+from core.jobs.queue import JobQueue, enqueue_after_commit
 from core.jobs.schemas import JobCreate
-from core.jobs.state import TERMINAL, JobStatus, transition
+from core.jobs.state import INITIAL, TERMINAL, JobStatus, transition
 from core.pruning.config import PruneConfig
 from core.pruning.locations import names_local_path
 from core.settings import Settings
@@ -75,11 +78,19 @@ class StoredResponse:
     headers: dict[str, str]
 
 
+@dataclass
+class Submitted:
+    response: StoredResponse
+    replayed: bool  # the stored response of an earlier request with the same Idempotency-Key
+
+
 class JobService:
-    def __init__(self, session: Session, tenant_id: str, settings: Settings) -> None:
+    def __init__(self, session: Session, tenant_id: str, settings: Settings, queue: JobQueue | None = None) -> None:
+        """``queue``: where submitted jobs are published after commit (without one, the worker's sweep does it)."""
         self.session = session
         self.tenant_id = tenant_id
         self.settings = settings
+        self.queue = queue
         self.jobs = JobRepository(session, tenant_id)
         self.cals = CalibrationSetRepository(session, tenant_id)
         self.idem = IdempotencyRepository(session, tenant_id)
@@ -119,13 +130,31 @@ class JobService:
             raise InvalidInput.field([where, "calibration_set_id"], "no such calibration set")
         return f"uploaded:{block.calibration_set_id}"
 
-    def create(self, body: JobCreate) -> Job:
-        config = self.build_config(body)
+    def submit(
+        self, body: JobCreate, idempotency_key: str | None, render: Callable[[Job], StoredResponse]
+    ) -> Submitted:
+        """Create a job and publish it once the caller commits. ``render`` gives the response to a creation,
+        which an Idempotency-Key stores: a repeat with the same key and body gets it back (replayed)."""
+        config = self.build_config(body)  # reject bad input before reserving the key
+        if idempotency_key is not None:
+            stored = self.idempotency_begin(idempotency_key, request_hash(body))
+            if stored is not None:
+                return Submitted(stored, replayed=True)
+        job = self.create(body, config)
+        response = render(job)
+        if idempotency_key is not None:
+            self.idempotency_complete(idempotency_key, response.status, response.body, response.headers)
+        if self.queue is not None:
+            enqueue_after_commit(self.session, self.queue, self.tenant_id, job.id)
+        return Submitted(response, replayed=False)
+
+    def create(self, body: JobCreate, config: PruneConfig | None = None) -> Job:
+        """Insert a queued job (``config``: ``build_config(body)`` when already built). Not published."""
+        config = config or self.build_config(body)
         now = utcnow()
         job = Job(
             id=new_id("job"),
             tenant_id=self.tenant_id,
-            status=JobStatus.queued.value,
             request=body.model_dump(mode="json", exclude={"metadata"}),
             config=config.model_dump(mode="json"),
             job_metadata=dict(body.metadata),
@@ -135,19 +164,12 @@ class JobService:
             max_attempts=self.settings.max_attempts,
             cancel_requested=False,
             event_seq=0,
-            version=1,
+            version=0,
             created_at=now,
-            updated_at=now,
-            queued_at=now,
         )
+        transition(self.session, job, INITIAL, now=now)
         self.jobs.add(job)
-        self.jobs.add_event(job, "status", {"status": "queued"})
         return job
-
-    def mark_enqueued(self, job_id: str) -> None:
-        job = self.jobs.get(job_id, lock=True)
-        if job is not None and job.enqueued_at is None:
-            job.enqueued_at = utcnow()
 
     # idempotency -----------------------------------------------------------------------------
     def idempotency_begin(self, key: str, req_hash: str) -> StoredResponse | None:
@@ -236,6 +258,5 @@ class JobService:
             raise Conflict(f"job {job_id!r} already {status.value}", code="job_finished")
         job.cancel_requested = True
         new = JobStatus.cancelled if status is JobStatus.queued else JobStatus.cancelling
-        transition(job, new)
-        self.jobs.add_event(job, "status", {"status": new.value, "reason": "cancel requested"})
+        transition(self.session, job, new, reason="cancel requested")
         return job
