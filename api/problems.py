@@ -80,10 +80,10 @@ def install(app: FastAPI) -> None:
         for e in exc.errors():
             msg = str(e.get("msg", "")).removeprefix("Value error, ")
             errors.append({"loc": _jsonable_loc(e.get("loc", ())), "msg": msg, "type": str(e.get("type", ""))})
-        first = errors[0] if errors else {"loc": [], "msg": "invalid request"}
+        first: dict[str, Any] = errors[0] if errors else {"loc": [], "msg": "invalid request"}
         loc = [x for x in first["loc"] if x not in ("body", "query", "path", "header")]
         where = ".".join(str(x) for x in loc)
-        detail = f"{where}: {first['msg']}" if where else first["msg"]
+        detail = f"{where}: {first['msg']}" if where else str(first["msg"])
         return problem(422, "Invalid request", detail, type_="validation-error", instance=request.url.path,
                        code="validation_error", errors=errors)
 

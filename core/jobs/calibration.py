@@ -2,6 +2,7 @@
 or .jsonl (one object per line with a string ``text`` field, or a JSON string per line)."""
 from __future__ import annotations
 
+import builtins
 import hashlib
 import tempfile
 from pathlib import Path
@@ -84,5 +85,5 @@ class CalibrationSetService:
             raise NotFound(f"no calibration set {set_id!r}")
         return cs
 
-    def list(self, *, after: str | None, limit: int) -> tuple[list[CalibrationSet], bool]:
+    def list(self, *, after: str | None, limit: int) -> tuple[builtins.list[CalibrationSet], bool]:
         return self.repo.list(after=after, limit=limit)

@@ -5,6 +5,7 @@ Services never commit: the caller (request or task) owns the transaction boundar
 """
 from __future__ import annotations
 
+import builtins
 import hashlib
 import json
 import re
@@ -221,7 +222,7 @@ class JobService:
             raise NotFound(f"no pruning job {job_id!r}")
         return job
 
-    def list(self, *, statuses: list[str] | None, after: str | None, limit: int) -> tuple[list[Job], bool]:
+    def list(self, *, statuses: list[str] | None, after: str | None, limit: int) -> tuple[builtins.list[Job], bool]:
         if statuses:
             bad = [s for s in statuses if s not in JobStatus.__members__]
             if bad:
@@ -229,11 +230,11 @@ class JobService:
                                    errors=[{"loc": ["query", "status"], "msg": f"unknown status {bad[0]!r}", "type": "enum"}])
         return self.jobs.list(statuses=statuses, after=after, limit=limit)
 
-    def events(self, job_id: str, *, after: int, limit: int) -> tuple[list[JobEvent], bool]:
+    def events(self, job_id: str, *, after: int, limit: int) -> tuple[builtins.list[JobEvent], bool]:
         self.get(job_id)
         return self.jobs.events(job_id, after=after, limit=limit)
 
-    def artifacts(self, job_id: str) -> list[Artifact]:
+    def artifacts(self, job_id: str) -> builtins.list[Artifact]:
         self.get(job_id)
         return self.jobs.artifacts(job_id)
 
