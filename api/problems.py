@@ -113,6 +113,7 @@ def error_responses(*statuses: int) -> dict[int | str, dict[str, Any]]:
         422: "Invalid request", 503: "Service Unavailable",
     }
     details = {
+        400: "There was an error parsing the body",
         401: "missing Authorization: Bearer <api key>",
         404: "no pruning job 'job_0191c5f0a3b2ffffffffffffff'",
         409: "job 'job_0191c5f0a3b2ffffffffffffff' already succeeded",

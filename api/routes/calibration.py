@@ -6,6 +6,7 @@ from typing import Annotated
 from fastapi import APIRouter, Depends, File, Query, Request, Response, UploadFile
 
 from api.deps import PrincipalDep, SessionDep, SettingsDep
+from api.params import IdCursor, SetId
 from api.problems import error_responses
 from api.schemas import CalibrationSetList, CalibrationSetOut, calibration_out
 from core.jobs.calibration import CalibrationSetService
@@ -23,7 +24,7 @@ ServiceDep = Annotated[CalibrationSetService, Depends(_service)]
 @router.post("", status_code=201, response_model=CalibrationSetOut, summary="Upload a calibration set",
              description="A .txt file (paragraphs separated by blank lines) or .jsonl (one {\"text\": ...} per line).",
              responses={201: {"headers": {"Location": {"schema": {"type": "string"}}}},
-                        **error_responses(401, 413, 422)})
+                        **error_responses(400, 401, 413, 422)})
 def upload(response: Response, svc: ServiceDep,
            file: Annotated[UploadFile, File(description=".txt or .jsonl")]) -> CalibrationSetOut:
     cs = svc.upload(file.file, file.filename)
@@ -32,7 +33,7 @@ def upload(response: Response, svc: ServiceDep,
 
 
 @router.get("", response_model=CalibrationSetList, summary="List calibration sets", responses=error_responses(401, 422))
-def list_sets(svc: ServiceDep, after: str | None = None,
+def list_sets(svc: ServiceDep, after: IdCursor = None,
               limit: Annotated[int, Query(ge=1, le=100)] = 20) -> CalibrationSetList:
     rows, more = svc.list(after=after, limit=limit)
     data = [calibration_out(c) for c in rows]
@@ -40,6 +41,6 @@ def list_sets(svc: ServiceDep, after: str | None = None,
 
 
 @router.get("/{set_id}", response_model=CalibrationSetOut, summary="Get a calibration set",
-            responses=error_responses(401, 404))
-def get_set(set_id: str, svc: ServiceDep) -> CalibrationSetOut:
+            responses=error_responses(401, 404, 422))
+def get_set(set_id: SetId, svc: ServiceDep) -> CalibrationSetOut:
     return calibration_out(svc.get(set_id))

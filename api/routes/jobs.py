@@ -12,6 +12,7 @@ from pydantic import BaseModel
 from starlette.concurrency import run_in_threadpool
 
 from api.deps import PrincipalDep, QueueDep, SessionDep, SettingsDep, bearer_scheme
+from api.params import MAX_SEQ, ArtifactName, IdCursor, JobId, SeqCursor
 from api.problems import error_responses
 from api.schemas import ArtifactList, EventList, JobList, JobOut, artifact_out, event_out, job_out
 from core.auth import authenticate
@@ -56,7 +57,7 @@ def _etag_of(model: BaseModel) -> str:
                              "body returns the stored response with `Idempotent-Replayed: true`.",
               "headers": {"Location": {"schema": {"type": "string"}},
                           "Idempotent-Replayed": {"schema": {"type": "string"}, "description": "set on replays"}}},
-        **error_responses(401, 409, 422),
+        **error_responses(400, 401, 409, 422),
     },
 )
 def create_job(
@@ -99,7 +100,7 @@ def list_jobs(
     session: SessionDep,
     settings: SettingsDep,
     status: Annotated[str | None, Query(description="comma-separated statuses", examples=["running,queued"])] = None,
-    after: Annotated[str | None, Query(description="cursor: id of the last job of the previous page")] = None,
+    after: IdCursor = None,
     limit: Annotated[int, Query(ge=1, le=100)] = 20,
 ) -> JobList:
     svc = JobService(session, principal.tenant_id, settings)
@@ -115,12 +116,12 @@ def list_jobs(
     "/{job_id}",
     response_model=JobOut,
     summary="Get a pruning job",
-    responses={200: {"headers": {"ETag": {"schema": {"type": "string"}}}}, **error_responses(304, 401, 404)},
+    responses={200: {"headers": {"ETag": {"schema": {"type": "string"}}}}, **error_responses(304, 401, 404, 422)},
 )
 def get_job(
     request: Request,
     response: Response,
-    job_id: str,
+    job_id: JobId,
     principal: PrincipalDep,
     session: SessionDep,
     settings: SettingsDep,
@@ -137,8 +138,8 @@ def get_job(
 @router.post("/{job_id}/cancel", response_model=JobOut, summary="Cancel a pruning job",
              description="queued -> cancelled at once; running -> cancelling, then cancelled between blocks. "
                          "Idempotent; 409 once the job succeeded or failed.",
-             responses=error_responses(401, 404, 409))
-def cancel_job(request: Request, response: Response, job_id: str, principal: PrincipalDep, session: SessionDep,
+             responses=error_responses(401, 404, 409, 422))
+def cancel_job(request: Request, response: Response, job_id: JobId, principal: PrincipalDep, session: SessionDep,
                settings: SettingsDep) -> JobOut:
     out = job_out(JobService(session, principal.tenant_id, settings).cancel(job_id), _base(request))
     response.headers["ETag"] = _etag_of(out)
@@ -148,11 +149,11 @@ def cancel_job(request: Request, response: Response, job_id: str, principal: Pri
 @router.get("/{job_id}/events", response_model=EventList, summary="List a job's events",
             responses=error_responses(401, 404, 422))
 def list_events(
-    job_id: str,
+    job_id: JobId,
     principal: PrincipalDep,
     session: SessionDep,
     settings: SettingsDep,
-    after: Annotated[int, Query(ge=0, description="return events with id > after")] = 0,
+    after: SeqCursor = 0,
     limit: Annotated[int, Query(ge=1, le=1000)] = 100,
 ) -> EventList:
     events, has_more = JobService(session, principal.tenant_id, settings).events(job_id, after=after, limit=limit)
@@ -167,13 +168,13 @@ def list_events(
     description="Each event's `id:` is its sequence number; reconnect with `Last-Event-ID` to resume. "
                 "The stream closes after the job's terminal status event.",
     responses={200: {"content": {"text/event-stream": {"example": 'id: 3\nevent: progress\ndata: {"stage": "prune", "block": 0}\n\n'}}},
-               **error_responses(401, 404)},
+               **error_responses(401, 404, 422)},
 )
 async def stream_events(
     request: Request,
-    job_id: str,
+    job_id: JobId,
     last_event_id: Annotated[str | None, Header(alias="Last-Event-ID")] = None,
-    after: Annotated[int, Query(ge=0)] = 0,
+    after: SeqCursor = 0,
 ) -> StreamingResponse:
     settings = request.app.state.settings
     sessions = request.app.state.sessions
@@ -195,6 +196,8 @@ async def stream_events(
     try:
         start = int(last_event_id) if last_event_id else after
     except ValueError:
+        start = after
+    if not 0 <= start <= MAX_SEQ:  # a bad Last-Event-ID is ignored, as an unparsable one is
         start = after
     await run_in_threadpool(fetch, start)  # 404 before the stream starts
 
@@ -228,8 +231,8 @@ async def stream_events(
 
 
 @router.get("/{job_id}/artifacts", response_model=ArtifactList, summary="List a job's published artifacts",
-            responses=error_responses(401, 404))
-def list_artifacts(request: Request, job_id: str, principal: PrincipalDep, session: SessionDep,
+            responses=error_responses(401, 404, 422))
+def list_artifacts(request: Request, job_id: JobId, principal: PrincipalDep, session: SessionDep,
                    settings: SettingsDep) -> ArtifactList:
     arts = JobService(session, principal.tenant_id, settings).artifacts(job_id)
     base = _base(request)
@@ -242,9 +245,9 @@ def list_artifacts(request: Request, job_id: str, principal: PrincipalDep, sessi
     description="Local storage: streamed, with HTTP Range support. S3: 307 to a short-lived presigned URL.",
     response_class=Response,
     responses={200: {"content": {"application/octet-stream": {}}}, 206: {"description": "Partial content"},
-               **error_responses(307, 401, 404, 416)},
+               **error_responses(307, 401, 404, 416, 422)},
 )
-def download_artifact(request: Request, job_id: str, name: str, principal: PrincipalDep, session: SessionDep,
+def download_artifact(request: Request, job_id: JobId, name: ArtifactName, principal: PrincipalDep, session: SessionDep,
                       settings: SettingsDep) -> Response:
     art = JobService(session, principal.tenant_id, settings).artifact(job_id, name)
     storage = request.app.state.storage
