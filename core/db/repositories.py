@@ -9,7 +9,7 @@ import builtins
 from collections.abc import Sequence
 from datetime import datetime
 
-from sqlalchemy import delete, func, select
+from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
 from core.db.models import ApiKey, Artifact, CalibrationSet, IdempotencyRecord, Job, JobEvent, Tenant
@@ -116,13 +116,6 @@ class IdempotencyRepository(TenantScoped):
             raise ValueError("record belongs to another tenant")
         self.session.add(rec)
         self.session.flush()
-
-    def delete(self, key: str) -> None:
-        self.session.execute(
-            delete(IdempotencyRecord).where(
-                IdempotencyRecord.tenant_id == self.tenant_id, IdempotencyRecord.key == key
-            )
-        )
 
 
 class TenantRepository:

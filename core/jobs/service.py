@@ -174,9 +174,12 @@ class JobService:
 
     # idempotency -----------------------------------------------------------------------------
     def idempotency_begin(self, key: str, req_hash: str) -> StoredResponse | None:
-        """Reserve ``key`` (the caller commits) or return the stored response of an earlier request.
+        """Reserve ``key`` or return the stored response of an earlier request.
 
-        Same key + different body -> 422; same key while the first request is unfinished -> 409.
+        The reservation is part of the caller's transaction: it commits with the job it creates, and a
+        failure rolls both back, leaving the key free. A concurrent request with the same key waits for that
+        commit and then replays. Same key + different body -> 422; a reservation left unfinished (not
+        completed, younger than ``idempotency_lock_seconds``) -> 409.
         """
         if not 1 <= len(key) <= 255:
             raise InvalidInput("Idempotency-Key must be 1-255 characters",
@@ -211,9 +214,6 @@ class JobService:
         if rec is not None:
             rec.response_status, rec.response_body, rec.response_headers = status, body, headers
             rec.locked_at = None
-
-    def idempotency_abandon(self, key: str) -> None:
-        self.idem.delete(key)
 
     # read ------------------------------------------------------------------------------------
     def get(self, job_id: str, *, lock: bool = False) -> Job:
