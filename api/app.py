@@ -10,9 +10,11 @@ from api import problems
 from api.metrics import JobCollector, MetricsMiddleware
 from api.routes import calibration, health, jobs
 from core.db.engine import session_factory
+from core.jobs.calibration import MULTIPART_SLACK, too_large
+from core.jobs.celery_queue import CeleryQueue, celery_client
+from core.jobs.queue import JobQueue
 from core.settings import Settings, get_settings
 from core.storage import make_storage
-from worker.celery_app import make_celery
 
 DESCRIPTION = """Prune LLMs as asynchronous jobs.
 
@@ -23,10 +25,12 @@ naming each offending field.
 
 
 class UploadLimit:
-    """Refuse oversized uploads with 413 before the multipart parser spools them to disk."""
+    """Refuse oversized uploads with 413 before the multipart parser spools them to disk (the upload itself
+    holds the file to ``max_bytes``; this guard allows for the multipart envelope around it)."""
 
-    def __init__(self, app, path: str, limit: int) -> None:  # noqa: ANN001
-        self.app, self.path, self.limit = app, path, limit
+    def __init__(self, app, path: str, max_bytes: int) -> None:  # noqa: ANN001
+        self.app, self.path, self.max_bytes = app, path, max_bytes
+        self.limit = max_bytes + MULTIPART_SLACK
 
     async def __call__(self, scope, receive, send) -> None:  # noqa: ANN001
         if scope["type"] != "http" or scope["method"] != "POST" or scope["path"].rstrip("/") != self.path:
@@ -54,8 +58,9 @@ class UploadLimit:
             await self._reject(scope, receive, send)
 
     async def _reject(self, scope, receive, send) -> None:  # noqa: ANN001
-        resp = problems.problem(413, "Content too large", f"uploads here are limited to {self.limit} bytes",
-                                type_="too-large", instance=scope["path"], code="too_large")
+        err = too_large(self.max_bytes)
+        resp = problems.problem(err.status, err.title, err.detail, type_=err.type_, instance=scope["path"],
+                                code="too_large")
         await resp(scope, receive, send)
 
 
@@ -63,7 +68,8 @@ class _TooLarge(Exception):
     pass
 
 
-def create_app(settings: Settings | None = None) -> FastAPI:
+def create_app(settings: Settings | None = None, queue: JobQueue | None = None) -> FastAPI:
+    """``queue``: where new jobs are published; by default the Celery broker of ``settings``."""
     s = settings or get_settings()
     s.ensure_dirs()
     app = FastAPI(title="secateurs", version="1.0.0", description=DESCRIPTION,
@@ -71,7 +77,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.settings = s
     app.state.sessions = session_factory(s.db_url)
     app.state.storage = make_storage(s)
-    app.state.celery = make_celery(s)
+    app.state.queue = queue or CeleryQueue(celery_client(s))
     registry = CollectorRegistry()
     registry.register(JobCollector(app.state.sessions))
     app.state.registry = registry
@@ -79,7 +85,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(jobs.router)
     app.include_router(calibration.router)
     app.include_router(health.router)
-    app.add_middleware(UploadLimit, path="/v1/calibration-sets", limit=s.calibration_max_bytes + 64 * 1024)
+    app.add_middleware(UploadLimit, path="/v1/calibration-sets", max_bytes=s.calibration_max_bytes)
     app.add_middleware(MetricsMiddleware, registry=registry)
     logging.getLogger("secateurs").setLevel(logging.INFO)
     return app

@@ -1,4 +1,4 @@
-"""Request-scoped dependencies: settings, a database session, the authenticated principal."""
+"""Request-scoped dependencies: settings, the request's unit of work, the authenticated principal, the queue."""
 from __future__ import annotations
 
 from collections.abc import Iterator
@@ -9,6 +9,8 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from sqlalchemy.orm import Session
 
 from core.auth import Principal, authenticate
+from core.db.engine import unit_of_work
+from core.jobs.queue import JobQueue
 from core.settings import Settings
 
 bearer_scheme = _bearer = HTTPBearer(auto_error=False, description="API key: sct_<id>_<secret>")
@@ -18,19 +20,24 @@ def get_settings(request: Request) -> Settings:
     return request.app.state.settings
 
 
+def get_queue(request: Request) -> JobQueue:
+    return request.app.state.queue
+
+
 def get_session(request: Request) -> Iterator[Session]:
-    """One session per request. Routes commit explicitly (before enqueueing); anything left is rolled back."""
-    session: Session = request.app.state.sessions()
-    try:
+    """One unit of work per request: committed once the endpoint has returned (and its response is built),
+    before the response is sent, then the after-commit hooks run (publishing new jobs); rolled back on error."""
+    with unit_of_work(request.app.state.sessions) as session:
         yield session
-    finally:
-        session.rollback()
-        session.close()
+
+
+# scope="function": leave the dependency right after the endpoint, so a failed commit is the response
+SessionDep = Annotated[Session, Depends(get_session, scope="function")]
 
 
 def get_principal(
     request: Request,
-    session: Annotated[Session, Depends(get_session)],
+    session: SessionDep,
     creds: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)] = None,
 ) -> Principal:
     header = f"Bearer {creds.credentials}" if creds else request.headers.get("authorization")
@@ -39,6 +46,6 @@ def get_principal(
     return p
 
 
-SessionDep = Annotated[Session, Depends(get_session)]
 SettingsDep = Annotated[Settings, Depends(get_settings)]
 PrincipalDep = Annotated[Principal, Depends(get_principal)]
+QueueDep = Annotated[JobQueue, Depends(get_queue)]

@@ -33,11 +33,11 @@ class JobCollector:
         h = HistogramMetricFamily("secateurs_job_duration_seconds",
                                   "Run time (running -> finished) of jobs finished in the last 24h", labels=["status"])
         by: dict[str, list[float]] = {}
-        for st, d in durations:
-            by.setdefault(st, []).append(d)
-        for st, ds in by.items():
+        for status, d in durations:
+            by.setdefault(status, []).append(d)
+        for status, ds in by.items():
             buckets = [(str(b), sum(1 for d in ds if d <= b)) for b in DURATION_BUCKETS] + [("+Inf", len(ds))]
-            h.add_metric([st], buckets, sum_value=sum(ds))
+            h.add_metric([status], buckets, sum_value=sum(ds))
         yield h
 
 

@@ -80,10 +80,10 @@ def install(app: FastAPI) -> None:
         for e in exc.errors():
             msg = str(e.get("msg", "")).removeprefix("Value error, ")
             errors.append({"loc": _jsonable_loc(e.get("loc", ())), "msg": msg, "type": str(e.get("type", ""))})
-        first = errors[0] if errors else {"loc": [], "msg": "invalid request"}
+        first: dict[str, Any] = errors[0] if errors else {"loc": [], "msg": "invalid request"}
         loc = [x for x in first["loc"] if x not in ("body", "query", "path", "header")]
         where = ".".join(str(x) for x in loc)
-        detail = f"{where}: {first['msg']}" if where else first["msg"]
+        detail = f"{where}: {first['msg']}" if where else str(first["msg"])
         return problem(422, "Invalid request", detail, type_="validation-error", instance=request.url.path,
                        code="validation_error", errors=errors)
 
@@ -113,6 +113,7 @@ def error_responses(*statuses: int) -> dict[int | str, dict[str, Any]]:
         422: "Invalid request", 503: "Service Unavailable",
     }
     details = {
+        400: "There was an error parsing the body",
         401: "missing Authorization: Bearer <api key>",
         404: "no pruning job 'job_0191c5f0a3b2ffffffffffffff'",
         409: "job 'job_0191c5f0a3b2ffffffffffffff' already succeeded",

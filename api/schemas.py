@@ -1,4 +1,4 @@
-"""Response bodies (documented in OpenAPI) and the functions that render rows into them."""
+"""Response bodies (documented in OpenAPI) and the functions that build them from rows."""
 from __future__ import annotations
 
 from datetime import datetime
@@ -108,8 +108,13 @@ class CalibrationSetList(BaseModel):
     last_id: str | None = None
 
 
-def _iso(d: datetime | None) -> str | None:
-    return d.isoformat().replace("+00:00", "Z") if d else None
+class Health(BaseModel):
+    status: str = Field(examples=["ok"])
+
+
+class Ready(BaseModel):
+    status: str = Field(examples=["ok"])
+    checks: dict[str, str] = Field(examples=[{"database": "ok", "broker": "ok", "storage": "ok"}])
 
 
 def job_urls(base: str, job_id: str) -> dict[str, str]:
@@ -118,42 +123,36 @@ def job_urls(base: str, job_id: str) -> dict[str, str]:
             "artifacts": f"{p}/artifacts"}
 
 
-def job_dict(job: Job, base: str = "") -> dict[str, Any]:
+def job_out(job: Job, base: str = "") -> JobOut:
     cfg = job.config or {}
-    return {
-        "id": job.id,
-        "object": "pruning_job",
-        "status": job.status,
-        "model": cfg.get("model"),
-        "method": cfg.get("method"),
-        "sparsity": cfg.get("sparsity"),
-        "pattern": cfg.get("pattern"),
-        "attempt": job.attempt,
-        "max_attempts": job.max_attempts,
-        "cancel_requested": job.cancel_requested,
-        "timestamps": {
-            "created_at": _iso(job.created_at),
-            **{f"{s}_at": _iso(getattr(job, f"{s}_at")) for s in
-               ("queued", "running", "cancelling", "succeeded", "failed", "cancelled", "finished")},
-        },
-        "progress": job.progress,
-        "error": {"code": job.error_code, "message": job.error_message or ""} if job.error_code else None,
-        "metrics": job.metrics,
-        "metadata": job.job_metadata or {},
-        "request": job.request,
-        "urls": job_urls(base, job.id),
-    }
+    return JobOut(
+        id=job.id,
+        status=job.status,
+        model=cfg["model"],
+        method=cfg["method"],
+        sparsity=cfg.get("sparsity"),
+        pattern=cfg.get("pattern"),
+        attempt=job.attempt,
+        max_attempts=job.max_attempts,
+        cancel_requested=job.cancel_requested,
+        timestamps=Timestamps.model_validate(job, from_attributes=True),
+        progress=Progress.model_validate(job.progress) if job.progress else None,
+        error=JobError(code=job.error_code, message=job.error_message or "") if job.error_code else None,
+        metrics=job.metrics,
+        metadata=job.job_metadata or {},
+        request=job.request,
+        urls=job_urls(base, job.id),
+    )
 
 
-def event_dict(ev: JobEvent) -> dict[str, Any]:
-    return {"id": ev.seq, "type": ev.type, "created_at": _iso(ev.created_at), "data": ev.data}
+def event_out(ev: JobEvent) -> EventOut:
+    return EventOut(id=ev.seq, type=ev.type, created_at=ev.created_at, data=ev.data)
 
 
-def artifact_dict(a: Artifact, base: str = "") -> dict[str, Any]:
-    return {"name": a.name, "kind": a.kind, "size": a.size, "sha256": a.sha256, "attempt": a.attempt,
-            "url": f"{base}/v1/pruning-jobs/{a.job_id}/artifacts/{a.name}"}
+def artifact_out(a: Artifact, base: str = "") -> ArtifactOut:
+    return ArtifactOut(name=a.name, kind=a.kind, size=a.size, sha256=a.sha256, attempt=a.attempt,
+                       url=f"{base}/v1/pruning-jobs/{a.job_id}/artifacts/{a.name}")
 
 
-def calibration_dict(c: CalibrationSet) -> dict[str, Any]:
-    return {"id": c.id, "object": "calibration_set", "filename": c.filename, "format": c.format, "size": c.size,
-            "sha256": c.sha256, "records": c.records, "created_at": _iso(c.created_at)}
+def calibration_out(c: CalibrationSet) -> CalibrationSetOut:
+    return CalibrationSetOut.model_validate(c, from_attributes=True)

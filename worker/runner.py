@@ -19,8 +19,9 @@ from core.db.repositories import CalibrationSetRepository
 from core.jobs import execution
 from core.pruning.config import PruneConfig
 from core.pruning.errors import Cancelled, PruningError
+from core.pruning.texts import parse_documents
 from core.settings import Settings
-from core.storage import Storage, StorageError, make_storage
+from core.storage import Storage, StorageError, keys, make_storage
 
 log = logging.getLogger("secateurs.worker")
 
@@ -83,13 +84,8 @@ def _fetch_set(settings: Settings, storage: Storage, tenant_id: str, ref: str, d
         key, fmt = cs.storage_key, cs.format
     path = storage.get_file(key, dest / f"{set_id}.{fmt}")
     if as_text and fmt == "jsonl":
-        texts = []
-        for line in path.read_text("utf-8").splitlines():
-            if line.strip():
-                obj = json.loads(line)
-                texts.append(obj["text"] if isinstance(obj, dict) else obj)
         txt = path.with_suffix(".txt")
-        txt.write_text("\n\n".join(texts), "utf-8")
+        txt.write_text("\n\n".join(parse_documents(path.read_text("utf-8"), jsonl=True)), "utf-8")
         return txt
     return path
 
@@ -160,7 +156,7 @@ def run_job(settings: Settings, tenant_id: str, job_id: str, worker_id: str) -> 
     hb = _Heartbeat(settings, tenant_id, job_id, attempt, ctl)
     hb.start()
     storage = make_storage(settings)
-    prefix = f"tenants/{tenant_id}/jobs/{job_id}/attempt-{attempt}/"
+    prefix = keys.attempt_prefix(tenant_id, job_id, attempt)
     work = settings.work_path / job_id / f"attempt-{attempt}"
     if work.exists():
         shutil.rmtree(work, ignore_errors=True)
@@ -205,7 +201,7 @@ def run_job(settings: Settings, tenant_id: str, job_id: str, worker_id: str) -> 
             out_dir = Path(result.out_dir)
             note(f"uploading {len(result.files)} artifacts to {storage.kind} storage")
             for f in result.files:
-                info = storage.put_file(prefix + f.name, out_dir / f.name)
+                info = storage.put_file(keys.artifact(tenant_id, job_id, attempt, f.name), out_dir / f.name)
                 if getattr(f, "sha256", None) and f.sha256 != info.sha256:
                     raise StorageError(f"sha256 of {f.name} changed during upload")
                 arts.append(Artifact(tenant_id=tenant_id, job_id=job_id, attempt=attempt, name=f.name,

@@ -6,8 +6,8 @@ import socket
 
 from celery import shared_task
 
+from core.jobs.celery_queue import TASK_NAME
 from core.settings import get_settings
-from worker.celery_app import TASK_NAME
 
 
 @shared_task(name=TASK_NAME, bind=True, acks_late=True, reject_on_worker_lost=True, ignore_result=True)

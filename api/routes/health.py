@@ -2,22 +2,22 @@
 from __future__ import annotations
 
 from fastapi import APIRouter, Request, Response
-from fastapi.responses import JSONResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from sqlalchemy import text
 
 from api.problems import error_responses, problem
+from api.schemas import Health, Ready
 
 router = APIRouter(tags=["operations"])
 
 
 @router.get("/healthz", summary="Liveness: the process answers")
-def healthz() -> dict[str, str]:
-    return {"status": "ok"}
+def healthz() -> Health:
+    return Health(status="ok")
 
 
-@router.get("/readyz", summary="Readiness: database, broker and storage reachable", responses=error_responses(503))
-def readyz(request: Request) -> Response:
+@router.get("/readyz", response_model=Ready, summary="Readiness: database, broker and storage reachable", responses=error_responses(503))
+def readyz(request: Request) -> Ready | Response:
     st = request.app.state
     checks: dict[str, str] = {}
     try:
@@ -27,8 +27,7 @@ def readyz(request: Request) -> Response:
     except Exception as e:  # noqa: BLE001
         checks["database"] = f"error: {e.__class__.__name__}"
     try:
-        with st.celery.connection_for_write() as conn:
-            conn.ensure_connection(max_retries=1, interval_start=0, timeout=3)
+        st.queue.check()
         checks["broker"] = "ok"
     except Exception as e:  # noqa: BLE001
         checks["broker"] = f"error: {e.__class__.__name__}"
@@ -39,10 +38,9 @@ def readyz(request: Request) -> Response:
         checks["storage"] = f"error: {e.__class__.__name__}"
     bad = {k: v for k, v in checks.items() if v != "ok"}
     if bad:
-        resp = problem(503, "Service Unavailable", "; ".join(f"{k}: {v}" for k, v in bad.items()),
+        return problem(503, "Service Unavailable", "; ".join(f"{k}: {v}" for k, v in bad.items()),
                        instance="/readyz", code="not_ready")
-        return resp
-    return JSONResponse({"status": "ok", "checks": checks})
+    return Ready(status="ok", checks=checks)
 
 
 @router.get("/metrics", summary="Prometheus metrics", response_class=Response,

@@ -4,23 +4,24 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import json
-import logging
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Body, Depends, Header, Query, Request, Response
-from fastapi.responses import FileResponse, JSONResponse, RedirectResponse, StreamingResponse
+from fastapi.responses import FileResponse, RedirectResponse, StreamingResponse
+from pydantic import BaseModel
 from starlette.concurrency import run_in_threadpool
 
-from api.deps import PrincipalDep, SessionDep, SettingsDep, bearer_scheme
+from api.deps import PrincipalDep, QueueDep, SessionDep, SettingsDep, bearer_scheme
+from api.params import MAX_SEQ, ArtifactName, IdCursor, JobId, SeqCursor
 from api.problems import error_responses
-from api.schemas import ArtifactList, EventList, JobList, JobOut, artifact_dict, event_dict, job_dict
+from api.schemas import ArtifactList, EventList, JobList, JobOut, artifact_out, event_out, job_out
 from core.auth import authenticate
+from core.db.models import Job
 from core.errors import NotFound, ServiceError
 from core.jobs.schemas import JobCreate
-from core.jobs.service import JobService, request_hash
+from core.jobs.service import JobService, StoredResponse
 from core.jobs.state import TERMINAL
 
-log = logging.getLogger("secateurs.api")
 router = APIRouter(prefix="/v1/pruning-jobs", tags=["pruning jobs"])
 
 
@@ -42,9 +43,8 @@ def _matches(if_none_match: str | None, etag: str) -> bool:
     return etag in tags
 
 
-def _json(body: dict[str, Any], status: int = 200, headers: dict[str, str] | None = None) -> JSONResponse:
-    h = {"ETag": _etag(body), **(headers or {})}
-    return JSONResponse(body, status_code=status, headers=h)
+def _etag_of(model: BaseModel) -> str:
+    return _etag(model.model_dump(mode="json"))
 
 
 @router.post(
@@ -57,14 +57,16 @@ def _json(body: dict[str, Any], status: int = 200, headers: dict[str, str] | Non
                              "body returns the stored response with `Idempotent-Replayed: true`.",
               "headers": {"Location": {"schema": {"type": "string"}},
                           "Idempotent-Replayed": {"schema": {"type": "string"}, "description": "set on replays"}}},
-        **error_responses(401, 409, 422),
+        **error_responses(400, 401, 409, 422),
     },
 )
 def create_job(
     request: Request,
+    response: Response,
     principal: PrincipalDep,
     session: SessionDep,
     settings: SettingsDep,
+    queue: QueueDep,
     body: Annotated[JobCreate, Body(openapi_examples={
         "wanda-50": {"summary": "Wanda, 50% unstructured", "value": {
             "model": "meta-llama/Llama-3.2-1B", "method": "wanda", "sparsity": 0.5,
@@ -74,46 +76,21 @@ def create_job(
             "calibration": {"calibration_set_id": "cal_0191c5f0a3b2c1d2e3f4a5b6c7", "nsamples": 64, "seqlen": 1024}}},
     })],
     idempotency_key: Annotated[str | None, Header(alias="Idempotency-Key", description="same key + same body returns the stored response")] = None,
-) -> Response:
-    svc = JobService(session, principal.tenant_id, settings)
-    if idempotency_key is not None:
-        svc.build_config(body)  # reject bad input before reserving the key
-        stored = svc.idempotency_begin(idempotency_key, request_hash(body))
-        session.commit()
-        if stored is not None:
-            return _json(stored.body, stored.status, {**stored.headers, "Idempotent-Replayed": "true"})
-    try:
-        job = svc.create(body)
-        out = job_dict(job, _base(request))
-        location = out["urls"]["self"]
-        if idempotency_key is not None:
-            svc.idempotency_complete(idempotency_key, 201, out, {"Location": location})
-        session.commit()
-    except BaseException:
-        session.rollback()
-        if idempotency_key is not None:
-            svc.idempotency_abandon(idempotency_key)
-            session.commit()
-        raise
-    _enqueue(request, session, svc, principal.tenant_id, job.id)
-    return _json(out, 201, {"Location": location})
+) -> JobOut:
+    base = _base(request)
 
+    def created(job: Job) -> StoredResponse:
+        out = job_out(job, base)
+        return StoredResponse(201, out.model_dump(mode="json"), {"Location": out.urls["self"]})
 
-def _enqueue(request: Request, session: Any, svc: JobService, tenant_id: str, job_id: str) -> None:
-    """After commit: publish the task, then note it. A failed publish is retried by the worker's sweep."""
-    from worker.celery_app import enqueue
-
-    try:
-        enqueue(request.app.state.celery, tenant_id, job_id)
-    except Exception:
-        log.exception("enqueue of %s failed; the sweep will retry", job_id)
-        return
-    try:
-        svc.mark_enqueued(job_id)
-        session.commit()
-    except Exception:
-        session.rollback()
-        log.exception("could not mark %s enqueued", job_id)
+    svc = JobService(session, principal.tenant_id, settings, queue)
+    result = svc.submit(body, idempotency_key, created)
+    out = JobOut.model_validate(result.response.body)
+    response.status_code = result.response.status
+    response.headers.update({"ETag": _etag_of(out), **result.response.headers})
+    if result.replayed:
+        response.headers["Idempotent-Replayed"] = "true"
+    return out
 
 
 @router.get("", response_model=JobList, summary="List pruning jobs, newest first", responses=error_responses(401, 422))
@@ -123,63 +100,65 @@ def list_jobs(
     session: SessionDep,
     settings: SettingsDep,
     status: Annotated[str | None, Query(description="comma-separated statuses", examples=["running,queued"])] = None,
-    after: Annotated[str | None, Query(description="cursor: id of the last job of the previous page")] = None,
+    after: IdCursor = None,
     limit: Annotated[int, Query(ge=1, le=100)] = 20,
-) -> Response:
+) -> JobList:
     svc = JobService(session, principal.tenant_id, settings)
     statuses = [s.strip() for s in status.split(",") if s.strip()] if status else None
     jobs, has_more = svc.list(statuses=statuses, after=after, limit=limit)
     base = _base(request)
-    data = [job_dict(j, base) for j in jobs]
-    return JSONResponse({"object": "list", "data": data, "has_more": has_more,
-                         "first_id": data[0]["id"] if data else None, "last_id": data[-1]["id"] if data else None})
+    data = [job_out(j, base) for j in jobs]
+    return JobList(data=data, has_more=has_more, first_id=data[0].id if data else None,
+                   last_id=data[-1].id if data else None)
 
 
 @router.get(
     "/{job_id}",
     response_model=JobOut,
     summary="Get a pruning job",
-    responses={200: {"headers": {"ETag": {"schema": {"type": "string"}}}}, **error_responses(304, 401, 404)},
+    responses={200: {"headers": {"ETag": {"schema": {"type": "string"}}}}, **error_responses(304, 401, 404, 422)},
 )
 def get_job(
     request: Request,
-    job_id: str,
+    response: Response,
+    job_id: JobId,
     principal: PrincipalDep,
     session: SessionDep,
     settings: SettingsDep,
     if_none_match: Annotated[str | None, Header(alias="If-None-Match")] = None,
-) -> Response:
-    job = JobService(session, principal.tenant_id, settings).get(job_id)
-    body = job_dict(job, _base(request))
-    etag = _etag(body)
+) -> JobOut | Response:
+    out = job_out(JobService(session, principal.tenant_id, settings).get(job_id), _base(request))
+    etag = _etag_of(out)
     if _matches(if_none_match, etag):
         return Response(status_code=304, headers={"ETag": etag})
-    return JSONResponse(body, headers={"ETag": etag})
+    response.headers["ETag"] = etag
+    return out
 
 
 @router.post("/{job_id}/cancel", response_model=JobOut, summary="Cancel a pruning job",
              description="queued -> cancelled at once; running -> cancelling, then cancelled between blocks. "
                          "Idempotent; 409 once the job succeeded or failed.",
-             responses=error_responses(401, 404, 409))
-def cancel_job(request: Request, job_id: str, principal: PrincipalDep, session: SessionDep, settings: SettingsDep) -> Response:
-    job = JobService(session, principal.tenant_id, settings).cancel(job_id)
-    session.commit()
-    return _json(job_dict(job, _base(request)))
+             responses=error_responses(401, 404, 409, 422))
+def cancel_job(request: Request, response: Response, job_id: JobId, principal: PrincipalDep, session: SessionDep,
+               settings: SettingsDep) -> JobOut:
+    out = job_out(JobService(session, principal.tenant_id, settings).cancel(job_id), _base(request))
+    response.headers["ETag"] = _etag_of(out)
+    return out
 
 
 @router.get("/{job_id}/events", response_model=EventList, summary="List a job's events",
             responses=error_responses(401, 404, 422))
 def list_events(
-    job_id: str,
+    job_id: JobId,
     principal: PrincipalDep,
     session: SessionDep,
     settings: SettingsDep,
-    after: Annotated[int, Query(ge=0, description="return events with id > after")] = 0,
+    after: SeqCursor = 0,
     limit: Annotated[int, Query(ge=1, le=1000)] = 100,
-) -> Response:
+) -> EventList:
     events, has_more = JobService(session, principal.tenant_id, settings).events(job_id, after=after, limit=limit)
-    data = [event_dict(e) for e in events]
-    return JSONResponse({"object": "list", "data": data, "has_more": has_more, "last_id": data[-1]["id"] if data else None})
+    data = [event_out(e) for e in events]
+    return EventList(data=data, has_more=has_more, last_id=data[-1].id if data else None)
 
 
 @router.get(
@@ -189,13 +168,13 @@ def list_events(
     description="Each event's `id:` is its sequence number; reconnect with `Last-Event-ID` to resume. "
                 "The stream closes after the job's terminal status event.",
     responses={200: {"content": {"text/event-stream": {"example": 'id: 3\nevent: progress\ndata: {"stage": "prune", "block": 0}\n\n'}}},
-               **error_responses(401, 404)},
+               **error_responses(401, 404, 422)},
 )
 async def stream_events(
     request: Request,
-    job_id: str,
+    job_id: JobId,
     last_event_id: Annotated[str | None, Header(alias="Last-Event-ID")] = None,
-    after: Annotated[int, Query(ge=0)] = 0,
+    after: SeqCursor = 0,
 ) -> StreamingResponse:
     settings = request.app.state.settings
     sessions = request.app.state.sessions
@@ -212,11 +191,13 @@ async def stream_events(
             svc = JobService(s, tenant_id, settings)
             job = svc.get(job_id)
             evs, more = svc.events(job_id, after=since, limit=500)
-            return [event_dict(e) for e in evs], more, job.status in TERMINAL
+            return [event_out(e).model_dump(mode="json") for e in evs], more, job.status in TERMINAL
 
     try:
         start = int(last_event_id) if last_event_id else after
     except ValueError:
+        start = after
+    if not 0 <= start <= MAX_SEQ:  # a bad Last-Event-ID is ignored, as an unparsable one is
         start = after
     await run_in_threadpool(fetch, start)  # 404 before the stream starts
 
@@ -250,11 +231,12 @@ async def stream_events(
 
 
 @router.get("/{job_id}/artifacts", response_model=ArtifactList, summary="List a job's published artifacts",
-            responses=error_responses(401, 404))
-def list_artifacts(request: Request, job_id: str, principal: PrincipalDep, session: SessionDep, settings: SettingsDep) -> Response:
+            responses=error_responses(401, 404, 422))
+def list_artifacts(request: Request, job_id: JobId, principal: PrincipalDep, session: SessionDep,
+                   settings: SettingsDep) -> ArtifactList:
     arts = JobService(session, principal.tenant_id, settings).artifacts(job_id)
     base = _base(request)
-    return JSONResponse({"object": "list", "data": [artifact_dict(a, base) for a in arts]})
+    return ArtifactList(data=[artifact_out(a, base) for a in arts])
 
 
 @router.get(
@@ -263,9 +245,9 @@ def list_artifacts(request: Request, job_id: str, principal: PrincipalDep, sessi
     description="Local storage: streamed, with HTTP Range support. S3: 307 to a short-lived presigned URL.",
     response_class=Response,
     responses={200: {"content": {"application/octet-stream": {}}}, 206: {"description": "Partial content"},
-               **error_responses(307, 401, 404, 416)},
+               **error_responses(307, 401, 404, 416, 422)},
 )
-def download_artifact(request: Request, job_id: str, name: str, principal: PrincipalDep, session: SessionDep,
+def download_artifact(request: Request, job_id: JobId, name: ArtifactName, principal: PrincipalDep, session: SessionDep,
                       settings: SettingsDep) -> Response:
     art = JobService(session, principal.tenant_id, settings).artifact(job_id, name)
     storage = request.app.state.storage

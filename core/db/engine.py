@@ -1,15 +1,20 @@
-"""Engine and session factory, one engine per process and URL (recreated after fork)."""
+"""Engine and session factory, one engine per process and URL (recreated after fork), and the unit of work."""
 from __future__ import annotations
 
+import contextlib
+import logging
 import os
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
 from sqlalchemy import Engine, create_engine, event
 from sqlalchemy.orm import Session, sessionmaker
 
+log = logging.getLogger("secateurs.db")
 _lock = threading.Lock()
+_AFTER_COMMIT = "secateurs.after_commit"
+AfterCommit = Callable[[Session], None]
 _engines: dict[tuple[int, str], Engine] = {}
 
 
@@ -59,15 +64,41 @@ def session_factory(url: str) -> sessionmaker[Session]:
     return sessionmaker(bind=get_engine(url), expire_on_commit=False, autoflush=False)
 
 
+def after_commit(session: Session, hook: AfterCommit) -> None:
+    """Run ``hook(session)`` once the unit of work holding ``session`` has committed (e.g. publish a task
+    only when its row is visible). Each hook runs in a transaction of its own, committed after it; a failing
+    hook is logged and rolled back, never undoing what was committed before it."""
+    session.info.setdefault(_AFTER_COMMIT, []).append(hook)
+
+
+def commit(session: Session) -> None:
+    """Commit, then run the after-commit hooks registered during the transaction."""
+    session.commit()
+    while hooks := session.info.pop(_AFTER_COMMIT, None):
+        for hook in hooks:
+            try:
+                hook(session)
+                session.commit()
+            except Exception:
+                session.rollback()
+                log.exception("after-commit hook %r failed", hook)
+
+
 @contextmanager
-def session_scope(url: str) -> Iterator[Session]:
-    """A unit of work: commit at the end, roll back on error."""
-    session = session_factory(url)()
+def unit_of_work(sessions: Callable[[], Session]) -> Iterator[Session]:
+    """A unit of work: commit at the end (then the after-commit hooks), roll back on error."""
+    session = sessions()
     try:
         yield session
-        session.commit()
+        commit(session)
     except BaseException:
+        session.info.pop(_AFTER_COMMIT, None)
         session.rollback()
         raise
     finally:
         session.close()
+
+
+def session_scope(url: str) -> contextlib.AbstractContextManager[Session]:
+    """``unit_of_work`` on a new session of ``url``'s engine."""
+    return unit_of_work(session_factory(url))

@@ -5,10 +5,11 @@ Prometheus gauges) and API-key lookup during authentication, which happens befor
 """
 from __future__ import annotations
 
+import builtins
 from collections.abc import Sequence
 from datetime import datetime
 
-from sqlalchemy import delete, func, select
+from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
 from core.db.models import ApiKey, Artifact, CalibrationSet, IdempotencyRecord, Job, JobEvent, Tenant
@@ -36,15 +37,7 @@ class JobRepository(TenantScoped):
             q = q.with_for_update()
         return self.session.scalars(q).first()
 
-    def refresh_locked(self, job: Job) -> Job:
-        """Reload a job's row under a row lock (Postgres) / the write lock (SQLite)."""
-        got = self.session.scalars(
-            select(Job).where(Job.tenant_id == self.tenant_id, Job.id == job.id).with_for_update()
-            .execution_options(populate_existing=True)
-        ).one()
-        return got
-
-    def list(self, *, statuses: Sequence[str] | None, after: str | None, limit: int) -> tuple[list[Job], bool]:
+    def list(self, *, statuses: Sequence[str] | None, after: str | None, limit: int) -> tuple[builtins.list[Job], bool]:
         q = select(Job).where(Job.tenant_id == self.tenant_id)
         if statuses:
             q = q.where(Job.status.in_(list(statuses)))
@@ -61,7 +54,7 @@ class JobRepository(TenantScoped):
         self.session.add(ev)
         return ev
 
-    def events(self, job_id: str, *, after: int, limit: int) -> tuple[list[JobEvent], bool]:
+    def events(self, job_id: str, *, after: int, limit: int) -> tuple[builtins.list[JobEvent], bool]:
         q = (
             select(JobEvent)
             .where(JobEvent.tenant_id == self.tenant_id, JobEvent.job_id == job_id, JobEvent.seq > after)
@@ -78,7 +71,7 @@ class JobRepository(TenantScoped):
                 raise ValueError("artifact belongs to another tenant")
             self.session.add(a)
 
-    def artifacts(self, job_id: str) -> list[Artifact]:
+    def artifacts(self, job_id: str) -> builtins.list[Artifact]:
         q = select(Artifact).where(Artifact.tenant_id == self.tenant_id, Artifact.job_id == job_id)
         return list(self.session.scalars(q.order_by(Artifact.name)))
 
@@ -101,7 +94,7 @@ class CalibrationSetRepository(TenantScoped):
         q = select(CalibrationSet).where(CalibrationSet.tenant_id == self.tenant_id, CalibrationSet.id == set_id)
         return self.session.scalars(q).first()
 
-    def list(self, *, after: str | None, limit: int) -> tuple[list[CalibrationSet], bool]:
+    def list(self, *, after: str | None, limit: int) -> tuple[builtins.list[CalibrationSet], bool]:
         q = select(CalibrationSet).where(CalibrationSet.tenant_id == self.tenant_id)
         if after:
             q = q.where(CalibrationSet.id < after)
@@ -123,13 +116,6 @@ class IdempotencyRepository(TenantScoped):
             raise ValueError("record belongs to another tenant")
         self.session.add(rec)
         self.session.flush()
-
-    def delete(self, key: str) -> None:
-        self.session.execute(
-            delete(IdempotencyRecord).where(
-                IdempotencyRecord.tenant_id == self.tenant_id, IdempotencyRecord.key == key
-            )
-        )
 
 
 class TenantRepository:
@@ -190,4 +176,4 @@ class SystemRepository:
             .order_by(Job.finished_at.desc())
             .limit(limit)
         )
-        return [(s, (f - r).total_seconds()) for s, r, f in self.session.execute(q)]
+        return [(s, (f - r).total_seconds()) for s, r, f in self.session.execute(q) if f is not None and r is not None]

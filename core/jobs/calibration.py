@@ -2,6 +2,7 @@
 or .jsonl (one object per line with a string ``text`` field, or a JSON string per line)."""
 from __future__ import annotations
 
+import builtins
 import hashlib
 import tempfile
 from pathlib import Path
@@ -14,9 +15,16 @@ from core.db.models import CalibrationSet
 from core.db.repositories import CalibrationSetRepository
 from core.errors import InvalidInput, NotFound, TooLarge
 from core.pruning.texts import parse_documents
-from core.storage import Storage
+from core.storage import Storage, keys
 
 FORMATS = {".txt": "txt", ".jsonl": "jsonl"}
+# What a multipart request may carry besides the file (boundaries, part headers): the API refuses a request
+# larger than the limit plus this before parsing it, and the upload below enforces the limit on the file.
+MULTIPART_SLACK = 64 * 1024
+
+
+def too_large(max_bytes: int) -> TooLarge:
+    return TooLarge(f"calibration uploads are limited to {max_bytes} bytes")
 
 
 def _bad(msg: str) -> InvalidInput:
@@ -55,14 +63,14 @@ class CalibrationSetService:
                 while chunk := stream.read(1024 * 1024):
                     size += len(chunk)
                     if size > self.max_bytes:
-                        raise TooLarge(f"calibration uploads are limited to {self.max_bytes} bytes")
+                        raise too_large(self.max_bytes)
                     h.update(chunk)
                     out.write(chunk)
             if size == 0:
                 raise _bad("is empty")
             records = _count_records(tmp, fmt)
             set_id = new_id("cal")
-            key = f"tenants/{self.tenant_id}/calibration-sets/{set_id}/{'data.' + fmt}"
+            key = keys.calibration_set(self.tenant_id, set_id, fmt)
             self.storage.put_file(key, tmp)
         return self.repo.add(
             CalibrationSet(
@@ -77,5 +85,5 @@ class CalibrationSetService:
             raise NotFound(f"no calibration set {set_id!r}")
         return cs
 
-    def list(self, *, after: str | None, limit: int) -> tuple[list[CalibrationSet], bool]:
+    def list(self, *, after: str | None, limit: int) -> tuple[builtins.list[CalibrationSet], bool]:
         return self.repo.list(after=after, limit=limit)

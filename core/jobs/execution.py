@@ -30,11 +30,10 @@ def _expired(job: Job, now: datetime) -> bool:
     return job.lease_expires_at is None or job.lease_expires_at < now
 
 
-def _fail_lost(repo: JobRepository, job: Job, now: datetime) -> None:
-    transition(job, JobStatus.failed, now)
+def _fail_lost(session: Session, job: Job, now: datetime) -> None:
     job.error_code = WORKER_LOST
     job.error_message = f"the worker running this job was lost {job.attempt} time(s) (max_attempts={job.max_attempts})"
-    repo.add_event(job, "status", {"status": "failed", "error": {"code": job.error_code, "message": job.error_message}})
+    transition(session, job, JobStatus.failed, now=now)
 
 
 def claim(session: Session, tenant_id: str, job_id: str, worker_id: str, lease_seconds: float) -> Claim:
@@ -43,35 +42,28 @@ def claim(session: Session, tenant_id: str, job_id: str, worker_id: str, lease_s
     A running job whose lease expired (its worker died) is taken over; after ``max_attempts`` deliveries
     it fails with ``worker_lost`` instead.
     """
-    repo = JobRepository(session, tenant_id)
-    job = repo.get(job_id, lock=True)
+    job = JobRepository(session, tenant_id).get(job_id, lock=True)
     now = utcnow()
     if job is None:
         return Claim("skipped", reason="no such job")
-    status = JobStatus(job.status)
-    if status is JobStatus.running and _expired(job, now):
-        if job.attempt >= job.max_attempts:
-            _fail_lost(repo, job, now)
+    if JobStatus(job.status) in ACTIVE and _expired(job, now):
+        lost = _requeue(session, job, now)
+        if lost == "failed":
             return Claim("exhausted", job, job.attempt, "worker lost too often")
-        transition(job, JobStatus.queued, now)
-        repo.add_event(job, "status", {"status": "queued", "reason": f"worker lost during attempt {job.attempt}"})
-        status = JobStatus.queued
-    elif status is JobStatus.cancelling and _expired(job, now):
-        transition(job, JobStatus.cancelled, now)
-        repo.add_event(job, "status", {"status": "cancelled", "reason": "worker lost while cancelling"})
-        return Claim("skipped", job, job.attempt, "cancelled")
+        if lost == "cancelled":
+            return Claim("skipped", job, job.attempt, "cancelled")
+    status = JobStatus(job.status)
     if status is not JobStatus.queued:
         return Claim("skipped", job, job.attempt, f"job is {status.value}")
     if job.attempt >= job.max_attempts:
-        _fail_lost(repo, job, now)
+        _fail_lost(session, job, now)
         return Claim("exhausted", job, job.attempt, "max attempts reached")
-    transition(job, JobStatus.running, now)
     job.attempt += 1
     job.worker_id = worker_id
     job.lease_expires_at = now + timedelta(seconds=lease_seconds)
     job.progress = None
     job.error_code = job.error_message = None
-    repo.add_event(job, "status", {"status": "running", "attempt": job.attempt, "worker": worker_id})
+    transition(session, job, JobStatus.running, now=now)
     return Claim("claimed", job, job.attempt)
 
 
@@ -139,24 +131,21 @@ def finish(
     if outcome == "succeeded" and job.cancel_requested:
         outcome = "cancelled"
     if outcome == "cancelled" and job.status == JobStatus.running.value:
-        transition(job, JobStatus.cancelling, now)
+        transition(session, job, JobStatus.cancelling, now=now)
     if outcome == "succeeded":
         repo.add_artifacts(artifacts or [])
         job.metrics = metrics
         if job.progress:
             job.progress = {**job.progress, "fraction": 1.0, "eta_seconds": 0}
-        transition(job, JobStatus.succeeded, now)
         if metrics is not None:
             repo.add_event(job, "metrics", metrics)
-        repo.add_event(job, "status", {"status": "succeeded", "artifacts": len(artifacts or [])})
+        transition(session, job, JobStatus.succeeded, now=now, artifacts=len(artifacts or []))
     elif outcome == "cancelled":
-        transition(job, JobStatus.cancelled, now)
-        repo.add_event(job, "status", {"status": "cancelled"})
+        transition(session, job, JobStatus.cancelled, now=now)
     else:
         code, message = error or ("internal_error", "unknown error")
         job.error_code, job.error_message = code, message[:4000]
-        transition(job, JobStatus.failed, now)
-        repo.add_event(job, "status", {"status": "failed", "error": {"code": code, "message": job.error_message}})
+        transition(session, job, JobStatus.failed, now=now)
     return job.status
 
 
@@ -169,25 +158,23 @@ def requeue_lost(
 ) -> tuple[Literal["requeued", "failed", "cancelled", "none"], int]:
     """The sweep's action on one job whose lease expired: hand it on, or fail it after max_attempts.
     Returns the outcome and the lost attempt's number."""
-    repo = JobRepository(session, tenant_id)
-    job = repo.get(job_id, lock=True)
+    job = JobRepository(session, tenant_id).get(job_id, lock=True)
     now = utcnow()
     if job is None or JobStatus(job.status) not in ACTIVE or not _expired(job, now):
         return "none", 0
-    return _requeue(repo, job, now), job.attempt
+    return _requeue(session, job, now), job.attempt
 
 
-def _requeue(repo: JobRepository, job: Job, now: datetime) -> Literal["requeued", "failed", "cancelled"]:
+def _requeue(session: Session, job: Job, now: datetime) -> Literal["requeued", "failed", "cancelled"]:
+    """A running or cancelling job whose worker was lost: cancelled if it was cancelling, failed after
+    ``max_attempts``, else queued again for the next worker."""
     if job.status == JobStatus.cancelling.value:
-        transition(job, JobStatus.cancelled, now)
-        repo.add_event(job, "status", {"status": "cancelled", "reason": "worker lost while cancelling"})
+        transition(session, job, JobStatus.cancelled, now=now, reason="worker lost while cancelling")
         return "cancelled"
     if job.attempt >= job.max_attempts:
-        _fail_lost(repo, job, now)
+        _fail_lost(session, job, now)
         return "failed"
-    transition(job, JobStatus.queued, now)
-    job.enqueued_at = None
-    repo.add_event(job, "status", {"status": "queued", "reason": f"worker lost during attempt {job.attempt}"})
+    transition(session, job, JobStatus.queued, now=now, reason=f"worker lost during attempt {job.attempt}")
     return "requeued"
 
 

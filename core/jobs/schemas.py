@@ -14,7 +14,7 @@ _SERVER_SIDE = {"model", "device", "trust_remote_code", "calibration", "evaluati
 _copied: dict[str, Any] = {
     name: (f.annotation, f) for name, f in PruneConfig.model_fields.items() if name not in _SERVER_SIDE
 }
-_PruneFields = create_model("_PruneFields", __config__=ConfigDict(extra="forbid"), **_copied)  # type: ignore[call-overload]
+_PruneFields = create_model("_PruneFields", __config__=ConfigDict(extra="forbid"), **_copied)
 
 CAL_ID = re.compile(r"^cal_[0-9a-f]{26}$")
 
@@ -69,7 +69,7 @@ class EvaluationIn(_TextSourceIn):
         return self
 
 
-class JobCreate(_PruneFields):  # type: ignore[misc, valid-type]
+class JobCreate(_PruneFields):
     model: str = Field(
         ...,
         min_length=1,

@@ -1,12 +1,15 @@
-"""API-facing job logic: create (validated into a PruneConfig), get, list, cancel, events, artifacts.
+"""API-facing job logic: submit (validated into a PruneConfig, idempotent by key, published after commit),
+get, list, cancel, events, artifacts.
 
 Services never commit: the caller (request or task) owns the transaction boundary.
 """
 from __future__ import annotations
 
+import builtins
 import hashlib
 import json
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
@@ -20,8 +23,9 @@ from core.db.ids import new_id
 from core.db.models import Artifact, IdempotencyRecord, Job, JobEvent, utcnow
 from core.db.repositories import CalibrationSetRepository, IdempotencyRepository, JobRepository
 from core.errors import Conflict, InvalidInput, NotFound
+from core.jobs.queue import JobQueue, enqueue_after_commit
 from core.jobs.schemas import JobCreate
-from core.jobs.state import TERMINAL, JobStatus, transition
+from core.jobs.state import INITIAL, TERMINAL, JobStatus, transition
 from core.pruning.config import PruneConfig
 from core.pruning.locations import names_local_path
 from core.settings import Settings
@@ -75,11 +79,19 @@ class StoredResponse:
     headers: dict[str, str]
 
 
+@dataclass
+class Submitted:
+    response: StoredResponse
+    replayed: bool  # the stored response of an earlier request with the same Idempotency-Key
+
+
 class JobService:
-    def __init__(self, session: Session, tenant_id: str, settings: Settings) -> None:
+    def __init__(self, session: Session, tenant_id: str, settings: Settings, queue: JobQueue | None = None) -> None:
+        """``queue``: where submitted jobs are published after commit (without one, the worker's sweep does it)."""
         self.session = session
         self.tenant_id = tenant_id
         self.settings = settings
+        self.queue = queue
         self.jobs = JobRepository(session, tenant_id)
         self.cals = CalibrationSetRepository(session, tenant_id)
         self.idem = IdempotencyRepository(session, tenant_id)
@@ -119,13 +131,31 @@ class JobService:
             raise InvalidInput.field([where, "calibration_set_id"], "no such calibration set")
         return f"uploaded:{block.calibration_set_id}"
 
-    def create(self, body: JobCreate) -> Job:
-        config = self.build_config(body)
+    def submit(
+        self, body: JobCreate, idempotency_key: str | None, render: Callable[[Job], StoredResponse]
+    ) -> Submitted:
+        """Create a job and publish it once the caller commits. ``render`` gives the response to a creation,
+        which an Idempotency-Key stores: a repeat with the same key and body gets it back (replayed)."""
+        config = self.build_config(body)  # reject bad input before reserving the key
+        if idempotency_key is not None:
+            stored = self.idempotency_begin(idempotency_key, request_hash(body))
+            if stored is not None:
+                return Submitted(stored, replayed=True)
+        job = self.create(body, config)
+        response = render(job)
+        if idempotency_key is not None:
+            self.idempotency_complete(idempotency_key, response.status, response.body, response.headers)
+        if self.queue is not None:
+            enqueue_after_commit(self.session, self.queue, self.tenant_id, job.id)
+        return Submitted(response, replayed=False)
+
+    def create(self, body: JobCreate, config: PruneConfig | None = None) -> Job:
+        """Insert a queued job (``config``: ``build_config(body)`` when already built). Not published."""
+        config = config or self.build_config(body)
         now = utcnow()
         job = Job(
             id=new_id("job"),
             tenant_id=self.tenant_id,
-            status=JobStatus.queued.value,
             request=body.model_dump(mode="json", exclude={"metadata"}),
             config=config.model_dump(mode="json"),
             job_metadata=dict(body.metadata),
@@ -135,25 +165,21 @@ class JobService:
             max_attempts=self.settings.max_attempts,
             cancel_requested=False,
             event_seq=0,
-            version=1,
+            version=0,
             created_at=now,
-            updated_at=now,
-            queued_at=now,
         )
+        transition(self.session, job, INITIAL, now=now)
         self.jobs.add(job)
-        self.jobs.add_event(job, "status", {"status": "queued"})
         return job
-
-    def mark_enqueued(self, job_id: str) -> None:
-        job = self.jobs.get(job_id, lock=True)
-        if job is not None and job.enqueued_at is None:
-            job.enqueued_at = utcnow()
 
     # idempotency -----------------------------------------------------------------------------
     def idempotency_begin(self, key: str, req_hash: str) -> StoredResponse | None:
-        """Reserve ``key`` (the caller commits) or return the stored response of an earlier request.
+        """Reserve ``key`` or return the stored response of an earlier request.
 
-        Same key + different body -> 422; same key while the first request is unfinished -> 409.
+        The reservation is part of the caller's transaction: it commits with the job it creates, and a
+        failure rolls both back, leaving the key free. A concurrent request with the same key waits for that
+        commit and then replays. Same key + different body -> 422; a reservation left unfinished (not
+        completed, younger than ``idempotency_lock_seconds``) -> 409.
         """
         if not 1 <= len(key) <= 255:
             raise InvalidInput("Idempotency-Key must be 1-255 characters",
@@ -189,9 +215,6 @@ class JobService:
             rec.response_status, rec.response_body, rec.response_headers = status, body, headers
             rec.locked_at = None
 
-    def idempotency_abandon(self, key: str) -> None:
-        self.idem.delete(key)
-
     # read ------------------------------------------------------------------------------------
     def get(self, job_id: str, *, lock: bool = False) -> Job:
         job = self.jobs.get(job_id, lock=lock)
@@ -199,7 +222,7 @@ class JobService:
             raise NotFound(f"no pruning job {job_id!r}")
         return job
 
-    def list(self, *, statuses: list[str] | None, after: str | None, limit: int) -> tuple[list[Job], bool]:
+    def list(self, *, statuses: list[str] | None, after: str | None, limit: int) -> tuple[builtins.list[Job], bool]:
         if statuses:
             bad = [s for s in statuses if s not in JobStatus.__members__]
             if bad:
@@ -207,11 +230,11 @@ class JobService:
                                    errors=[{"loc": ["query", "status"], "msg": f"unknown status {bad[0]!r}", "type": "enum"}])
         return self.jobs.list(statuses=statuses, after=after, limit=limit)
 
-    def events(self, job_id: str, *, after: int, limit: int) -> tuple[list[JobEvent], bool]:
+    def events(self, job_id: str, *, after: int, limit: int) -> tuple[builtins.list[JobEvent], bool]:
         self.get(job_id)
         return self.jobs.events(job_id, after=after, limit=limit)
 
-    def artifacts(self, job_id: str) -> list[Artifact]:
+    def artifacts(self, job_id: str) -> builtins.list[Artifact]:
         self.get(job_id)
         return self.jobs.artifacts(job_id)
 
@@ -236,6 +259,5 @@ class JobService:
             raise Conflict(f"job {job_id!r} already {status.value}", code="job_finished")
         job.cancel_requested = True
         new = JobStatus.cancelled if status is JobStatus.queued else JobStatus.cancelling
-        transition(job, new)
-        self.jobs.add_event(job, "status", {"status": new.value, "reason": "cancel requested"})
+        transition(self.session, job, new, reason="cancel requested")
         return job

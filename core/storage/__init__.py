@@ -37,14 +37,6 @@ class Storage(ABC):
     @abstractmethod
     def put_file(self, key: str, path: Path) -> ObjectInfo: ...
 
-    def put_bytes(self, key: str, data: bytes) -> ObjectInfo:
-        import tempfile
-
-        with tempfile.NamedTemporaryFile() as f:
-            f.write(data)
-            f.flush()
-            return self.put_file(key, Path(f.name))
-
     @abstractmethod
     def get_file(self, key: str, dest: Path) -> Path: ...
 

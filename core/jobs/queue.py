@@ -1,0 +1,47 @@
+"""Where queued jobs are published for the workers. The Celery implementation is ``worker.queue``.
+
+A job is published only after the transaction that queued it has committed (a worker must find the row),
+and ``enqueued_at`` is set once the broker took the message. A publish that fails, or never happens because
+the process died, leaves ``enqueued_at`` empty and the worker's sweep publishes the job again.
+"""
+from __future__ import annotations
+
+import logging
+from typing import Protocol
+
+from sqlalchemy.orm import Session
+
+from core.db.engine import after_commit
+from core.db.models import utcnow
+from core.db.repositories import JobRepository
+from core.jobs.state import JobStatus
+
+log = logging.getLogger("secateurs.jobs")
+
+
+class JobQueue(Protocol):
+    def publish(self, tenant_id: str, job_id: str) -> None:
+        """Hand one job to the workers; raise when the broker did not take it."""
+
+    def check(self) -> None:
+        """Raise when the broker cannot be reached."""
+
+
+def mark_enqueued(session: Session, tenant_id: str, job_id: str) -> None:
+    job = JobRepository(session, tenant_id).get(job_id, lock=True)
+    if job is not None and job.status == JobStatus.queued.value:
+        job.enqueued_at = utcnow()
+
+
+def enqueue_after_commit(session: Session, queue: JobQueue, tenant_id: str, job_id: str) -> None:
+    """Publish the job once ``session``'s unit of work commits, then note that it was published."""
+
+    def publish(s: Session) -> None:
+        try:
+            queue.publish(tenant_id, job_id)
+        except Exception:
+            log.exception("publishing %s failed; the sweep will retry", job_id)
+            return
+        mark_enqueued(s, tenant_id, job_id)
+
+    after_commit(session, publish)
