@@ -12,7 +12,7 @@ install-test: install
 	$(PIP) install -q -e ".[test,datasets]"
 
 demo: install
-	$(PYTHON) -m core.cli service demo
+	$(PYTHON) -m cli service demo
 
 test: install-test
 	$(PYTHON) -m pytest

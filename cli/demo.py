@@ -1,4 +1,4 @@
-"""End-to-end demo on the embedded defaults: `python -m core.demo` (or `secateurs service demo`).
+"""End-to-end demo on the embedded defaults: `python -m cli.demo` (or `secateurs service demo`).
 
 Starts the API and a worker as separate processes (SQLite database, SQLite-backed Celery broker, local
 artifacts, all under ./var/demo), creates a tenant and key, uploads an evaluation text, submits a real

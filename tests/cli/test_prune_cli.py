@@ -10,7 +10,7 @@ from core.pruning import models, patterns
 
 
 def cli(*args, cwd=None):
-    return subprocess.run([sys.executable, "-m", "core.cli", "prune", *map(str, args)], capture_output=True,
+    return subprocess.run([sys.executable, "-m", "cli", "prune", *map(str, args)], capture_output=True,
                           text=True, timeout=300, cwd=cwd)
 
 
