@@ -2,11 +2,86 @@
 from __future__ import annotations
 
 import re
-from typing import Literal
+from typing import TYPE_CHECKING, Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    GetJsonSchemaHandler,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
+from pydantic.json_schema import JsonSchemaValue
+from pydantic_core import InitErrorDetails, PydanticCustomError, core_schema
+
+if TYPE_CHECKING:
+    from core.pruning.methods.base import Method
 
 NAMED_SETS = ("c4", "wikitext2", "ptb")
+
+
+def registered_methods() -> dict[str, type[Method]]:
+    """Every method class by name. Imported on first use: the methods import torch, and they import this module."""
+    from core.pruning.methods import REGISTRY
+
+    return REGISTRY
+
+
+def _registered(name: str) -> str:
+    known = registered_methods()
+    if name not in known:
+        raise PydanticCustomError("unknown_method", "unknown method '{name}'; choose one of {known}",
+                                  {"name": name, "known": ", ".join(sorted(known))})
+    return name
+
+
+class _RegisteredNamesSchema:
+    """Publishes the registered method names as the JSON-schema enum, read when the schema is generated."""
+
+    def __get_pydantic_json_schema__(self, schema: core_schema.CoreSchema,
+                                     handler: GetJsonSchemaHandler) -> JsonSchemaValue:
+        return {**handler(schema), "enum": sorted(registered_methods())}
+
+
+# Annotated metadata travels with the field, so models that copy PruneConfig's fields (the job API) check it too.
+MethodName = Annotated[str, AfterValidator(_registered), _RegisteredNamesSchema()]
+
+
+def method_option_owners(option: str) -> list[str]:
+    """Names of the methods that declare `option` among their settings."""
+    return sorted(n for n, m in registered_methods().items() if option in m.Options.model_fields)
+
+
+def lift_method_settings(data: dict[str, Any], model_fields: set[str]) -> dict[str, Any]:
+    """Accept a method setting written flat beside `method` (the layout before `method_options`): it moves into
+    `method_options` when the chosen method declares it, is dropped when it belongs to another method and holds
+    that method's default (stored configs carry every method's settings), and is refused otherwise."""
+    method = data.get("method", "wanda")
+    known = registered_methods()
+    if not isinstance(method, str) or method not in known:
+        return data  # the method's own error is the one to report
+    lifted, options, refused = dict(data), dict(data.get("method_options") or {}), []
+    for key, value in data.items():
+        owners = [] if key in model_fields else method_option_owners(key)
+        if not owners:
+            continue
+        del lifted[key]
+        if method in owners:
+            options.setdefault(key, value)
+        elif any(known[o].Options.model_fields[key].default != value for o in owners):
+            refused.append(InitErrorDetails(
+                type=PydanticCustomError("foreign_method_option", "{key} is a setting of {owners}, not of {method}",
+                                         {"key": key, "owners": " and ".join(owners), "method": method}),
+                loc=(key,), input=value))
+    if refused:
+        raise ValidationError.from_exception_data("PruneConfig", refused)
+    if options:
+        lifted["method_options"] = options
+    return lifted
 
 
 class _Strict(BaseModel):
@@ -103,14 +178,13 @@ class PruneConfig(_Strict):
     trust_remote_code: bool = False
     device: str = Field("auto", description="auto (cuda when present, else cpu), cpu, cuda, cuda:N")
 
-    method: Literal["magnitude", "wanda", "sparsegpt"] = "wanda"
+    method: MethodName = Field("wanda", description="a registered pruning method")
+    method_options: dict[str, Any] = Field(
+        default_factory=dict, validate_default=True,
+        description="settings of the chosen method (its `Options`); those not given take the method's defaults")
     sparsity: float | None = Field(None, ge=0, lt=1, description="unstructured target in [0, 1)")
     pattern: str | None = Field(None, description="'unstructured' or N:M (at most N non-zeros in every M inputs)")
 
-    magnitude_scope: Literal["layer", "row"] = "layer"
-    wanda_alpha_search: bool = Field(False, description="Wanda's cumulative-score variant with α bisection")
-    blocksize: int = Field(128, ge=1, description="SparseGPT column block")
-    percdamp: float = Field(0.01, gt=0, le=10, description="SparseGPT damping, fraction of mean(diag H)")
     true_sequential: bool = False
     propagate: Literal["pruned", "dense"] = "pruned"
 
@@ -122,6 +196,19 @@ class PruneConfig(_Strict):
     schedule: ScheduleConfig = Field(default_factory=ScheduleConfig)
     structure: StructureConfig | None = None
     export: ExportConfig = Field(default_factory=ExportConfig)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _flat_method_settings(cls, data: Any) -> Any:
+        return lift_method_settings(data, set(cls.model_fields)) if isinstance(data, dict) else data
+
+    @field_validator("method_options")
+    @classmethod
+    def _method_options(cls, v: dict[str, Any], info: ValidationInfo) -> dict[str, Any]:
+        method = info.data.get("method")
+        if method is None:  # invalid: reported on its own field
+            return v
+        return registered_methods()[method].Options.model_validate(v).model_dump()
 
     @field_validator("pattern")
     @classmethod

@@ -5,12 +5,13 @@ from __future__ import annotations
 import logging
 
 import torch
+from pydantic import Field
 
 from core.pruning import patterns
 from core.pruning.errors import NumericalError
 from core.pruning.exact_products import exact_fp32_products
 from core.pruning.memory import release_freed_memory
-from core.pruning.methods.base import Method, Pruned, Stats, Target, tokens_first
+from core.pruning.methods.base import Method, MethodOptions, Pruned, Stats, Target, tokens_first
 
 log = logging.getLogger(__name__)
 MAX_DAMP_RETRIES = 6  # damping ×10 each time: 0.01 → 1e4 · mean(diag H)
@@ -182,6 +183,12 @@ class SparseGPT(Method):
     name = "sparsegpt"
     copies_weights = True
 
+    class Options(MethodOptions):
+        blocksize: int = Field(128, ge=1, description="SparseGPT column block")
+        percdamp: float = Field(0.01, gt=0, le=10, description="SparseGPT damping, fraction of mean(diag H)")
+
+    options: Options
+
     def stats(self, in_features: int, device: torch.device) -> Stats:
         return Hessian(in_features, device)
 
@@ -193,7 +200,7 @@ class SparseGPT(Method):
         only on that row and H⁻¹, so this equals pruning them one by one (the unstructured threshold is still
         taken per layer), with a third of the column steps for q/k/v."""
         assert isinstance(stats, Hessian)
-        U, dead, damp, retries = stats.factor(self.config.percdamp)
+        U, dead, damp, retries = stats.factor(self.options.percdamp)
         rows = [w.shape[0] for w in ws]
         # work on float32 Wᵀ [in, out], the layers' rows side by side: column i of W is the contiguous row i here
         Wt = torch.empty(ws[0].shape[1], sum(rows), dtype=torch.float32, device=U.device)
@@ -203,7 +210,7 @@ class SparseGPT(Method):
             r0 += w.shape[0]
         was_nonzero_dead = (Wt[dead] != 0) if dead.any() else None
         Wt[dead] = 0
-        mask = sweep(Wt, U, target, self.config.blocksize, rows)
+        mask = sweep(Wt, U, target, self.options.blocksize, rows)
         if was_nonzero_dead is not None:
             mask[dead] |= was_nonzero_dead
         Wt.masked_fill_(mask, 0)

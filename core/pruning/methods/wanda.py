@@ -2,9 +2,10 @@
 from __future__ import annotations
 
 import torch
+from pydantic import Field
 
 from core.pruning import patterns
-from core.pruning.methods.base import Method, Pruned, Stats, Target, tokens_first
+from core.pruning.methods.base import Method, MethodOptions, Pruned, Stats, Target, tokens_first
 
 
 class InputNorms(Stats):
@@ -27,6 +28,11 @@ class Wanda(Method):
     name = "wanda"
     masks_only = True
 
+    class Options(MethodOptions):
+        wanda_alpha_search: bool = Field(False, description="Wanda's cumulative-score variant with α bisection")
+
+    options: Options
+
     def stats(self, in_features: int, device: torch.device) -> Stats:
         return InputNorms(in_features, device)
 
@@ -38,7 +44,7 @@ class Wanda(Method):
             return w[rows].to(torch.float32, copy=True).abs_().mul_(norms)
 
         info = {}
-        if target.nm is None and self.config.wanda_alpha_search:  # α is bisected over the whole layer
+        if target.nm is None and self.options.wanda_alpha_search:  # α is bisected over the whole layer
             mask, info["alpha"] = cumulative_mask(score(slice(None)), target.sparsity)
         else:
             mask = patterns.per_row_mask(score, w.shape, w.device, target.sparsity, target.nm)
