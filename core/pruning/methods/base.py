@@ -21,6 +21,10 @@ class MethodOptions(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
+    def conflicts(self, config: PruneConfig) -> list[tuple[str, str]]:
+        """(option, why) for each setting the rest of `config` contradicts; checked before the model loads."""
+        return []
+
 
 @dataclass(frozen=True)
 class Target:

@@ -17,7 +17,7 @@ class Magnitude(Method):
 
     class Options(MethodOptions):
         magnitude_scope: Literal["layer", "row"] = Field(
-            "layer", description="one threshold per matrix (layer, the reference) or per output row (row)")
+            "layer", description="one threshold per matrix (layer, the reference) or per output row")
 
     options: Options
 

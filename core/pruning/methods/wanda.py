@@ -1,11 +1,16 @@
 """Wanda (Sun et al., 2023): S_ij = |W_ij| · ‖X_j‖₂, compared within each output row; no weight update."""
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 from pydantic import Field
 
 from core.pruning import patterns
 from core.pruning.methods.base import Method, MethodOptions, Pruned, Stats, Target, tokens_first
+
+if TYPE_CHECKING:
+    from core.pruning.config import PruneConfig
 
 
 class InputNorms(Stats):
@@ -30,6 +35,11 @@ class Wanda(Method):
 
     class Options(MethodOptions):
         wanda_alpha_search: bool = Field(False, description="Wanda's cumulative-score variant with α bisection")
+
+        def conflicts(self, config: PruneConfig) -> list[tuple[str, str]]:
+            if self.wanda_alpha_search and config.pattern is not None:
+                return [("wanda_alpha_search", "the α search chooses unstructured masks; an N:M pattern has none")]
+            return []
 
     options: Options
 
