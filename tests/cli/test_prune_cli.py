@@ -1,5 +1,6 @@
 """`secateurs prune` run as a user runs it: a subprocess."""
 import json
+import os
 import subprocess
 import sys
 
@@ -61,3 +62,57 @@ def test_unusable_calibration_fails_with_its_code_and_writes_nothing(tiny_model,
             "--out", tmp_path / "o")
     assert r.returncode == 1 and "calibration_error" in r.stderr
     assert not (tmp_path / "o").exists()
+
+
+HISTORICAL_FLAGS = [
+    "--model", "--out", "--method", "--sparsity", "--pattern", "--calibration", "--nsamples", "--seqlen", "--seed",
+    "--eval", "--eval-seqlen", "--eval-windows", "--eval-batch-size", "--dtype", "--device", "--revision",
+    "--trust-remote-code", "--exclude", "--override", "--magnitude-scope", "--wanda-alpha-search", "--blocksize",
+    "--percdamp", "--true-sequential", "--propagate", "--schedule", "--schedule-values", "--schedule-first",
+    "--schedule-last", "--owl-m", "--owl-lambda", "--structure-mlp", "--structure-heads", "--structure-blocks",
+    "--structure-score", "--bias-compensation", "--save-model", "--masks", "--compact", "--json",
+]
+
+
+def test_help_lists_every_flag_with_the_fields_defaults():
+    r = subprocess.run([sys.executable, "-m", "cli", "prune", "--help"], capture_output=True, text=True,
+                       timeout=300, env={**os.environ, "COLUMNS": "250"})
+    assert r.returncode == 0
+    missing = [f for f in HISTORICAL_FLAGS if f" {f} " not in r.stdout]
+    assert not missing and "[default: 0.01]" in r.stdout and "magnitude | sparsegpt | wanda" in r.stdout, missing
+
+
+def test_a_typo_in_the_calibration_path_is_one_line_before_any_loading(tiny_model, tmp_path):
+    r = cli("--model", tiny_model("llama"), "--sparsity", "0.5", "--calibration", tmp_path / "calbration.txt",
+            "--out", tmp_path / "o")
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    [line] = [ln for ln in r.stderr.splitlines() if ln.strip()]
+    assert line.startswith("error: --calibration:") and "calbration.txt" in line
+    assert not (tmp_path / "o").exists()
+
+
+def test_every_problem_is_listed(tmp_path):
+    (tmp_path / "o").mkdir()
+    (tmp_path / "o" / "keep").write_text("x")
+    r = cli("--model", tmp_path / "nope", "--sparsity", "0.5", "--calibration", tmp_path / "typo.txt",
+            "--eval", tmp_path / "typo.txt", "--out", tmp_path / "o")
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    assert "4 problems" in r.stderr
+    for flag in ("--model", "--calibration", "--eval", "--out"):
+        assert f"  {flag}: " in r.stderr, flag
+
+
+def test_a_setting_of_another_method_is_refused(tiny_model, tmp_path):
+    r = cli("--model", tiny_model("llama"), "--method", "wanda", "--percdamp", "0.05", "--sparsity", "0.5",
+            "--out", tmp_path / "o")
+    assert r.returncode == 2 and "--percdamp: a setting of sparsegpt" in r.stderr
+
+
+def test_json_prints_the_metrics(tiny_model, tmp_path):
+    src = tiny_model("llama")
+    r = cli("--model", src, "--method", "sparsegpt", "--percdamp", "0.05", "--sparsity", "0.5", "--calibration",
+            src / "calibration.txt", "--nsamples", 4, "--seqlen", 32, "--out", tmp_path / "o", "--json")
+    assert r.returncode == 0, r.stderr
+    metrics = json.loads(r.stdout)
+    assert metrics["config"]["method_options"] == {"blocksize": 128, "percdamp": 0.05}
+    assert metrics["config"] == json.loads((tmp_path / "o" / "metrics.json").read_text())["config"]
