@@ -67,17 +67,17 @@ class Flag:
         return "--" + self.param.replace("_", "-")
 
 
-def _optional(annotation: Any) -> tuple[Any, bool]:
-    """(the type inside `X | None`, whether None was allowed)."""
+def _without_none(annotation: Any) -> Any:
+    """X for `X | None`; any other annotation as it is."""
     if get_origin(annotation) in (Union, types.UnionType):
         args = [a for a in get_args(annotation) if a is not type(None)]
         if len(args) == 1:
-            return args[0], True
-    return annotation, False
+            return args[0]
+    return annotation
 
 
 def _model_in(annotation: Any) -> type[BaseModel] | None:
-    inner, _ = _optional(annotation)
+    inner = _without_none(annotation)
     return inner if isinstance(inner, type) and issubclass(inner, BaseModel) else None
 
 
@@ -120,7 +120,7 @@ def _default_text(field: FieldInfo) -> str:
 
 def _flag(param: str, path: FieldPath, field: FieldInfo, panel: str | None, applies_to: str = "",
           choices: tuple[str, ...] = ()) -> Flag:
-    inner, _ = _optional(field.annotation)
+    inner = _without_none(field.annotation)
     text = field.description or ""
     parse: Callable[[Any], Any] | None = None
     metavar: str | None = None
