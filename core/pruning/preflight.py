@@ -89,7 +89,8 @@ def out_dir_problems(out_dir: Path) -> list[Problem]:
     while not ancestor.exists():
         ancestor = ancestor.parent
     if not ancestor.is_dir() or not os.access(ancestor, os.W_OK | os.X_OK):
-        return [Problem(OUT, f"cannot create {out_dir}: {ancestor} is not a writable directory", "output_not_empty")]
+        return [Problem(OUT, f"cannot create {out_dir}: {ancestor} is not a writable directory",
+                        "output_not_writable")]
     return []
 
 
@@ -117,9 +118,9 @@ def _device(name: str) -> list[Problem]:
     try:
         dev = torch.device(name)
     except RuntimeError as e:
-        return [Problem("device", f"not a device: {e}", "invalid_input")]
+        return [Problem("device", f"not a device: {e}", "invalid_config")]
     if dev.type == "cuda" and not torch.cuda.is_available():
-        return [Problem("device", f"{name!r} requested but CUDA is not available", "invalid_input")]
+        return [Problem("device", f"{name!r} requested but CUDA is not available", "invalid_config")]
     return []
 
 
@@ -161,7 +162,7 @@ def _text_file(field: str, path: Path, code: str, tokens_allowed: bool) -> list[
 def _combinations(config: PruneConfig, on_this_machine: bool) -> list[Problem]:
     """What the config cannot check alone: its method's own rules, and a schedule against the model's depth."""
     method = registered_methods()[config.method]
-    problems = [Problem(f"method_options.{name}", msg, "invalid_input")
+    problems = [Problem(f"method_options.{name}", msg, "invalid_config")
                 for name, msg in method.Options.model_validate(config.method_options).conflicts(config)]
     sc = config.schedule
     removes_blocks = config.structure is not None and config.structure.blocks > 0
@@ -169,7 +170,7 @@ def _combinations(config: PruneConfig, on_this_machine: bool) -> list[Problem]:
         depth = _local_depth(config.model)
         if depth is not None and len(sc.values) != depth:
             problems.append(Problem("schedule.values", f"{len(sc.values)} values for a model of {depth} blocks",
-                                    "invalid_input"))
+                                    "invalid_schedule"))
     return problems
 
 
