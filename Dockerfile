@@ -25,6 +25,7 @@ COPY pyproject.toml README.md alembic.ini ./
 COPY core ./core
 COPY api ./api
 COPY worker ./worker
+COPY cli ./cli
 COPY migrations ./migrations
 RUN pip install --no-deps -e .
 USER secateurs
@@ -44,6 +45,7 @@ COPY pyproject.toml README.md alembic.ini ./
 COPY core ./core
 COPY api ./api
 COPY worker ./worker
+COPY cli ./cli
 COPY migrations ./migrations
 # torch comes with the base image (CUDA build); pip keeps it when it satisfies the requirement.
 RUN pip install -e ".[datasets]"

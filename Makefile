@@ -13,7 +13,7 @@ install-test: install
 	$(PIP) install -q -e ".[test,lint,datasets]"
 
 demo: install
-	$(PYTHON) -m core.cli service demo
+	$(PYTHON) -m cli service demo
 
 test: install-test
 	$(PYTHON) -m pytest

@@ -6,7 +6,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, create_model, field_validator, model_validator
 
-from core.pruning.config import NAMED_SETS, PruneConfig
+from core.pruning.config import NAMED_SETS, PruneConfig, lift_method_settings
 
 # Fields a tenant may not set: the worker decides where and how code runs.
 _SERVER_SIDE = {"model", "device", "trust_remote_code", "calibration", "evaluation"}
@@ -80,6 +80,12 @@ class JobCreate(_PruneFields):
     calibration: CalibrationIn = Field(default_factory=CalibrationIn)
     evaluation: EvaluationIn | None = None
     metadata: dict[str, str] = Field(default_factory=dict, description="up to 16 string pairs, echoed back")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _flat_method_settings(cls, data: Any) -> Any:
+        """Bodies written before `method_options` existed (flat `percdamp`, `blocksize`, ...) keep working."""
+        return lift_method_settings(data, set(cls.model_fields)) if isinstance(data, dict) else data
 
     @field_validator("metadata")
     @classmethod

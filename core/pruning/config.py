@@ -2,11 +2,86 @@
 from __future__ import annotations
 
 import re
-from typing import Literal
+from typing import TYPE_CHECKING, Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    GetJsonSchemaHandler,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
+from pydantic.json_schema import JsonSchemaValue
+from pydantic_core import InitErrorDetails, PydanticCustomError, core_schema
+
+if TYPE_CHECKING:
+    from core.pruning.methods.base import Method
 
 NAMED_SETS = ("c4", "wikitext2", "ptb")
+
+
+def registered_methods() -> dict[str, type[Method]]:
+    """Every method class by name. Imported on first use: the methods import torch, and they import this module."""
+    from core.pruning.methods import REGISTRY
+
+    return REGISTRY
+
+
+def _registered(name: str) -> str:
+    known = registered_methods()
+    if name not in known:
+        raise PydanticCustomError("unknown_method", "unknown method '{name}'; choose one of {known}",
+                                  {"name": name, "known": ", ".join(sorted(known))})
+    return name
+
+
+class _RegisteredNamesSchema:
+    """Publishes the registered method names as the JSON-schema enum, read when the schema is generated."""
+
+    def __get_pydantic_json_schema__(self, schema: core_schema.CoreSchema,
+                                     handler: GetJsonSchemaHandler) -> JsonSchemaValue:
+        return {**handler(schema), "enum": sorted(registered_methods())}
+
+
+# Annotated metadata travels with the field, so models that copy PruneConfig's fields (the job API) check it too.
+MethodName = Annotated[str, AfterValidator(_registered), _RegisteredNamesSchema()]
+
+
+def method_option_owners(option: str) -> list[str]:
+    """Names of the methods that declare `option` among their settings."""
+    return sorted(n for n, m in registered_methods().items() if option in m.Options.model_fields)
+
+
+def lift_method_settings(data: dict[str, Any], model_fields: set[str]) -> dict[str, Any]:
+    """Accept a method setting written flat beside `method` (the layout before `method_options`): it moves into
+    `method_options` when the chosen method declares it, is dropped when it belongs to another method and holds
+    that method's default (stored configs carry every method's settings), and is refused otherwise."""
+    method = data.get("method", "wanda")
+    known = registered_methods()
+    if not isinstance(method, str) or method not in known:
+        return data  # the method's own error is the one to report
+    lifted, options, refused = dict(data), dict(data.get("method_options") or {}), []
+    for key, value in data.items():
+        owners = [] if key in model_fields else method_option_owners(key)
+        if not owners:
+            continue
+        del lifted[key]
+        if method in owners:
+            options.setdefault(key, value)
+        elif any(known[o].Options.model_fields[key].default != value for o in owners):
+            refused.append(InitErrorDetails(
+                type=PydanticCustomError("foreign_method_option", "a setting of {owners}, not of the chosen method {method}",
+                                         {"owners": " and ".join(owners), "method": method}),
+                loc=(key,), input=value))
+    if refused:
+        raise ValidationError.from_exception_data("PruneConfig", refused)
+    if options:
+        lifted["method_options"] = options
+    return lifted
 
 
 class _Strict(BaseModel):
@@ -18,9 +93,9 @@ class CalibrationConfig(_Strict):
 
     source: str = Field("c4", description="named set (c4, wikitext2, ptb) or a local .txt/.jsonl/.pt/.npy file")
     texts: list[str] | None = Field(None, description="inline texts; used instead of `source` when given")
-    nsamples: int = Field(128, ge=1, le=100_000)
-    seqlen: int = Field(2048, ge=2, le=1_048_576, description="capped at the model's position limit")
-    seed: int = 0
+    nsamples: int = Field(128, ge=1, le=100_000, description="calibration windows")
+    seqlen: int = Field(2048, ge=2, le=1_048_576, description="tokens per window (capped at the model's limit)")
+    seed: int = Field(0, description="calibration sampling seed")
 
     @field_validator("texts")
     @classmethod
@@ -36,13 +111,13 @@ class EvalConfig(_Strict):
     source: str = Field("wikitext2", description="named set (wikitext2, c4, ptb) or a local text file")
     seqlen: int | None = Field(None, ge=2, description="default: the calibration seqlen")
     max_windows: int | None = Field(None, ge=1, description="evaluate only the first N windows")
-    batch_size: int = Field(8, ge=1, le=1024)
+    batch_size: int = Field(8, ge=1, le=1024, description="windows per forward pass")
 
 
 class ScheduleConfig(_Strict):
     """How the target sparsity is spread over blocks (unstructured and N:M-free runs)."""
 
-    kind: Literal["uniform", "explicit", "linear", "owl"] = "uniform"
+    kind: Literal["uniform", "explicit", "linear", "owl"] = Field("uniform", description="how sparsity varies by block")
     values: list[float] | None = Field(None, description="explicit: one sparsity per block")
     first: float | None = Field(None, ge=0, lt=1, description="linear: sparsity of the first block")
     last: float | None = Field(None, ge=0, lt=1, description="linear: sparsity of the last block")
@@ -75,8 +150,8 @@ class StructureConfig(_Strict):
     mlp_channels: float = Field(0.0, ge=0, lt=1, description="fraction of MLP intermediate channels to remove")
     heads: float = Field(0.0, ge=0, lt=1, description="fraction of attention heads (whole KV groups) to remove")
     blocks: float = Field(0.0, ge=0, lt=1, description="fraction of decoder blocks to remove")
-    score: Literal["activation", "weight"] = "activation"
-    bias_compensation: bool = False
+    score: Literal["activation", "weight"] = Field("activation", description="how channels and heads are scored")
+    bias_compensation: bool = Field(False, description="FLAP bias compensation for what is removed")
 
     @model_validator(mode="after")
     def _something(self) -> StructureConfig:
@@ -86,11 +161,11 @@ class StructureConfig(_Strict):
 
 
 class ExportConfig(_Strict):
-    save_model: bool = True
-    masks: bool = True
+    save_model: bool = Field(True, description="write the pruned model")
+    masks: bool = Field(True, description="write masks.safetensors")
     compact: bool = Field(False, description="also write the compact sparse checkpoint (non-zero values + "
                                              "bitmask or 2:4 positions, exponent bytes compressed)")
-    max_shard_size: str = "2GB"
+    max_shard_size: str = Field("2GB", description="largest safetensors shard of the written model")
 
 
 _PATTERN = re.compile(r"^(\d+):(\d+)$")
@@ -98,21 +173,21 @@ _PATTERN = re.compile(r"^(\d+):(\d+)$")
 
 class PruneConfig(_Strict):
     model: str = Field(..., min_length=1, description="Hugging Face hub id or local directory")
-    revision: str | None = None
-    dtype: Literal["auto", "float32", "float16", "bfloat16"] = "auto"
-    trust_remote_code: bool = False
+    revision: str | None = Field(None, description="hub revision (branch, tag or commit)")
+    dtype: Literal["auto", "float32", "float16", "bfloat16"] = Field("auto", description="weights' dtype")
+    trust_remote_code: bool = Field(False, description="allow custom model code from the hub")
     device: str = Field("auto", description="auto (cuda when present, else cpu), cpu, cuda, cuda:N")
 
-    method: Literal["magnitude", "wanda", "sparsegpt"] = "wanda"
+    method: MethodName = Field("wanda", description="a registered pruning method")
+    method_options: dict[str, Any] = Field(
+        default_factory=dict, validate_default=True,
+        description="settings of the chosen method (its `Options`); those not given take the method's defaults")
     sparsity: float | None = Field(None, ge=0, lt=1, description="unstructured target in [0, 1)")
     pattern: str | None = Field(None, description="'unstructured' or N:M (at most N non-zeros in every M inputs)")
 
-    magnitude_scope: Literal["layer", "row"] = "layer"
-    wanda_alpha_search: bool = Field(False, description="Wanda's cumulative-score variant with α bisection")
-    blocksize: int = Field(128, ge=1, description="SparseGPT column block")
-    percdamp: float = Field(0.01, gt=0, le=10, description="SparseGPT damping, fraction of mean(diag H)")
-    true_sequential: bool = False
-    propagate: Literal["pruned", "dense"] = "pruned"
+    true_sequential: bool = Field(False, description="prune [q,k,v]→[o]→[gate,up]→[down] in turn")
+    propagate: Literal["pruned", "dense"] = Field(
+        "pruned", description="what the next block is calibrated on: pruned (the papers) or dense block outputs")
 
     exclude: list[str] = Field(default_factory=list, description="regexes of layer names never pruned")
     overrides: dict[str, float] = Field(default_factory=dict, description="regex of layer name -> sparsity")
@@ -122,6 +197,19 @@ class PruneConfig(_Strict):
     schedule: ScheduleConfig = Field(default_factory=ScheduleConfig)
     structure: StructureConfig | None = None
     export: ExportConfig = Field(default_factory=ExportConfig)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _flat_method_settings(cls, data: Any) -> Any:
+        return lift_method_settings(data, set(cls.model_fields)) if isinstance(data, dict) else data
+
+    @field_validator("method_options")
+    @classmethod
+    def _method_options(cls, v: dict[str, Any], info: ValidationInfo) -> dict[str, Any]:
+        method = info.data.get("method")
+        if method is None:  # invalid: reported on its own field
+            return v
+        return registered_methods()[method].Options.model_validate(v).model_dump()
 
     @field_validator("pattern")
     @classmethod

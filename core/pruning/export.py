@@ -18,6 +18,7 @@ from torch import nn
 
 from core.filemode import as_if_opened
 from core.hashing import sha256_file
+from core.pruning import preflight
 
 MANIFEST = "manifest.json"
 METRICS = "metrics.json"
@@ -33,8 +34,9 @@ class FileEntry:
 
 
 def check_out_dir(out_dir: Path) -> None:
-    if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())):
-        raise FileExistsError(f"output directory {out_dir} exists and is not empty")
+    """Again just before writing: the directory may have been filled since the run's preflight."""
+    for problem in preflight.out_dir_problems(out_dir):
+        raise FileExistsError(problem.message)
 
 
 def kind_of(name: str) -> str:
@@ -70,7 +72,7 @@ def write_output(out_dir: Path, *, model: nn.Module | None, tokenizer: Any, mask
     tmp.mkdir()
     try:
         if model is not None:
-            model.save_pretrained(tmp, safe_serialization=True, max_shard_size=max_shard_size)
+            model.save_pretrained(tmp, safe_serialization=True, max_shard_size=max_shard_size)  # type: ignore[operator]
             if tokenizer is not None:
                 tokenizer.save_pretrained(tmp)
         if masks:

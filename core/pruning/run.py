@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 
-from core.pruning import calibration, engine, evaluate, export, methods, models
+from core.pruning import calibration, engine, evaluate, export, methods, models, preflight
 from core.pruning.config import PruneConfig
 from core.pruning.errors import Cancelled
 from core.pruning.export import FileEntry
@@ -65,7 +65,7 @@ def prune(config: PruneConfig, out_dir: Path | str, on_progress: ProgressFn = no
 
 
 def _prune(config: PruneConfig, out_dir: Path, on_progress: ProgressFn, should_stop: StopFn) -> PruneResult:
-    export.check_out_dir(out_dir)
+    preflight.raise_on_problems(config, out_dir)
     device = resolve_device(config.device)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)

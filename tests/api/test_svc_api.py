@@ -392,7 +392,7 @@ def test_cli_creates_tenant_and_key(service_settings, monkeypatch):  # noqa: ANN
     from typer.testing import CliRunner
 
     from api.app import create_app
-    from core.cli.app import app as cli
+    from cli.app import app as cli
     from core.settings import get_settings
 
     s = service_settings

@@ -17,7 +17,7 @@ pytestmark = pytest.mark.slow
 def test_demo_runs_end_to_end_on_embedded_defaults(stories260k: Path, text_dir: Path, tmp_path: Path):
     env = {k: v for k, v in os.environ.items() if not k.startswith("SECATEURS_")}
     env["SECATEURS_SHARED_DIR"] = str(stories260k.parents[1])
-    r = subprocess.run([sys.executable, "-m", "core.demo", "--data-dir", str(tmp_path / "var"), "--port", "0"],
+    r = subprocess.run([sys.executable, "-m", "cli.demo", "--data-dir", str(tmp_path / "var"), "--port", "0"],
                        cwd=ROOT, env=env, capture_output=True, text=True, timeout=240)
     out = r.stdout + r.stderr
     assert r.returncode == 0, out[-4000:] + "".join(p.read_text()[-3000:] for p in (tmp_path / "var" / "logs").glob("*.log"))
@@ -32,7 +32,7 @@ def test_demo_without_shared_assets_builds_its_own_model(tmp_path: Path):
     """A user's fresh clone has no ../shared and maybe no internet: the demo still runs end to end."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("SECATEURS_")}
     env["SECATEURS_SHARED_DIR"] = str(tmp_path / "no-such-dir")
-    r = subprocess.run([sys.executable, "-m", "core.demo", "--data-dir", str(tmp_path / "var"), "--port", "0"],
+    r = subprocess.run([sys.executable, "-m", "cli.demo", "--data-dir", str(tmp_path / "var"), "--port", "0"],
                        cwd=ROOT, env=env, capture_output=True, text=True, timeout=240)
     out = r.stdout + r.stderr
     assert r.returncode == 0, out[-4000:]

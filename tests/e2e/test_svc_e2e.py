@@ -38,7 +38,7 @@ class Stack:
         log = open(self.tmp / f"worker-{n}.log", "w")
         name = f"w{n}-{uuid.uuid4().hex[:4]}@%h"
         if via_cli:  # `secateurs service worker`
-            cmd = [sys.executable, "-c", "from core.cli.app import main; main()", "service", "worker", "--hostname", name]
+            cmd = [sys.executable, "-c", "from cli.app import main; main()", "service", "worker", "--hostname", name]
         else:
             cmd = [sys.executable, "-m", "celery", "-A", "worker.main", "worker", "--loglevel=INFO", "--pool=prefork",
                    "--concurrency=1", "-Q", self.env["SECATEURS_QUEUE"], "--without-gossip", "--without-mingle",

@@ -2,13 +2,28 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
+from pydantic import BaseModel, ConfigDict
 
-from core.pruning.config import PruneConfig
+if TYPE_CHECKING:
+    from core.pruning.config import PruneConfig
 
 REGISTRY: dict[str, type[Method]] = {}
+
+
+class MethodOptions(BaseModel):
+    """A method's own settings. Subclass it as `Options` inside the method class: each field is checked by
+    PruneConfig (as `method_options`) and becomes a CLI flag, `--<field-name>`, with its description as help.
+    Field names are shared by every method (a flag means the same setting whichever method declares it), so
+    a name that two methods declare must have the same meaning."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    def conflicts(self, config: PruneConfig) -> list[tuple[str, str]]:
+        """(option, why) for each setting the rest of `config` contradicts; checked before the model loads."""
+        return []
 
 
 @dataclass(frozen=True)
@@ -33,6 +48,7 @@ class Stats:
 
 class Method:
     name: ClassVar[str]
+    Options: ClassVar[type[MethodOptions]] = MethodOptions
     needs_inputs: ClassVar[bool] = True
     # Only chooses which weights to remove, never updates the rest: prune() then gets the layer's own weight
     # (a view, in the model's dtype) and zeroes it in place, with no float32 copy to make and write back.
@@ -48,6 +64,9 @@ class Method:
 
     def __init__(self, config: PruneConfig):
         self.config = config
+        # a config for another method (tests build one method from another's config) gives this one its defaults
+        given = config.method_options if config.method == self.name else {}
+        self.options = self.Options.model_validate(given)
 
     def stats(self, in_features: int, device: torch.device) -> Stats | None:
         return None

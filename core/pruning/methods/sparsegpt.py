@@ -4,12 +4,13 @@ for memory, is in core/pruning/linalg.py."""
 from __future__ import annotations
 
 import torch
+from pydantic import Field
 
 from core.pruning import patterns
 from core.pruning.exact_products import exact_fp32_products
 from core.pruning.linalg import UpperGram, factor_in_place
 from core.pruning.memory import release_freed_memory
-from core.pruning.methods.base import Method, Pruned, Stats, Target, tokens_first
+from core.pruning.methods.base import Method, MethodOptions, Pruned, Stats, Target, tokens_first
 
 
 class Hessian(Stats):
@@ -58,6 +59,12 @@ class SparseGPT(Method):
     name = "sparsegpt"
     copies_weights = True
 
+    class Options(MethodOptions):
+        blocksize: int = Field(128, ge=1, description="SparseGPT column block")
+        percdamp: float = Field(0.01, gt=0, le=10, description="SparseGPT damping, fraction of mean(diag H)")
+
+    options: Options
+
     def stats(self, in_features: int, device: torch.device) -> Stats:
         return Hessian(in_features, device)
 
@@ -70,7 +77,7 @@ class SparseGPT(Method):
         taken per layer), with a third of the column steps for q/k/v.
         U is the upper Cholesky factor of the damped inverse Hessian: UᵀU = (H + λI)⁻¹, λ = percdamp·mean(diag H)."""
         assert isinstance(stats, Hessian)
-        U, dead, damp, retries = stats.factor(self.config.percdamp)
+        U, dead, damp, retries = stats.factor(self.options.percdamp)
         rows = [w.shape[0] for w in ws]
         # work on float32 Wᵀ [in, out], the layers' rows side by side: column i of W is the contiguous row i here
         Wt = torch.empty(ws[0].shape[1], sum(rows), dtype=torch.float32, device=U.device)
@@ -80,7 +87,7 @@ class SparseGPT(Method):
             r0 += w.shape[0]
         was_nonzero_dead = (Wt[dead] != 0) if dead.any() else None
         Wt[dead] = 0  # inputs never active (H_jj = 0): W_:j = 0
-        mask = sweep(Wt, U, target, self.config.blocksize, rows)
+        mask = sweep(Wt, U, target, self.options.blocksize, rows)
         if was_nonzero_dead is not None:
             mask[dead] |= was_nonzero_dead
         Wt.masked_fill_(mask, 0)

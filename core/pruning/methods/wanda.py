@@ -1,10 +1,16 @@
 """Wanda (Sun et al., 2023): S_ij = |W_ij| · ‖X_j‖₂, compared within each output row; no weight update."""
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
+from pydantic import Field
 
 from core.pruning import patterns
-from core.pruning.methods.base import Method, Pruned, Stats, Target, tokens_first
+from core.pruning.methods.base import Method, MethodOptions, Pruned, Stats, Target, tokens_first
+
+if TYPE_CHECKING:
+    from core.pruning.config import PruneConfig
 
 
 class InputNorms(Stats):
@@ -27,6 +33,16 @@ class Wanda(Method):
     name = "wanda"
     masks_only = True
 
+    class Options(MethodOptions):
+        wanda_alpha_search: bool = Field(False, description="Wanda's cumulative-score variant with α bisection")
+
+        def conflicts(self, config: PruneConfig) -> list[tuple[str, str]]:
+            if self.wanda_alpha_search and config.pattern is not None:
+                return [("wanda_alpha_search", "the α search chooses unstructured masks; an N:M pattern has none")]
+            return []
+
+    options: Options
+
     def stats(self, in_features: int, device: torch.device) -> Stats:
         return InputNorms(in_features, device)
 
@@ -38,7 +54,7 @@ class Wanda(Method):
             return w[rows].to(torch.float32, copy=True).abs_().mul_(norms)
 
         info = {}
-        if target.nm is None and self.config.wanda_alpha_search:  # α is bisected over the whole layer
+        if target.nm is None and self.options.wanda_alpha_search:  # α is bisected over the whole layer
             mask, info["alpha"] = cumulative_mask(score(slice(None)), target.sparsity)
         else:
             mask = patterns.per_row_mask(score, w.shape, w.device, target.sparsity, target.nm)

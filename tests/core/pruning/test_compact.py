@@ -168,7 +168,7 @@ def test_in_memory_model_tied_and_sharded(tmp_path):
 
 
 def test_real_model_and_cli(tmp_path, stories260k):
-    from core.cli.app import app
+    from cli.app import app
 
     compact.pack_checkpoint(stories260k, tmp_path / "c")  # unpruned: everything stays dense
     assert all(e["encoding"] == "dense" for e in compact.read_meta(tmp_path / "c")["tensors"].values())

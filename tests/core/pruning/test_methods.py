@@ -23,7 +23,7 @@ def correlated_inputs(tokens=2048, dim=128, seed=0):
 
 
 def run(name, w, x, target, **kw):
-    m = get(name)(cfg(**kw))
+    m = get(name)(cfg(method=name, **kw))
     st = m.stats(w.shape[1], torch.device("cpu"))
     if st is not None:
         for chunk in x.split(256):

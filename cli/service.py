@@ -104,6 +104,6 @@ def demo(
     port: int = 8765,
 ) -> None:
     """Start API + worker on the embedded defaults, run one real pruning job over HTTP, verify it."""
-    from core.demo import main as demo_main
+    from cli.demo import main as demo_main
 
     sys.exit(demo_main(model=model, port=port))

@@ -3,8 +3,8 @@ from __future__ import annotations
 
 import typer
 
-from core.cli.prune import prune
-from core.cli.unpack import unpack
+from cli.prune import prune
+from cli.unpack import unpack
 
 app = typer.Typer(no_args_is_help=True)
 
@@ -17,7 +17,7 @@ def _root() -> None:
 app.command("prune")(prune)
 app.command("unpack")(unpack)
 
-from core.cli.service import app as service_app  # noqa: E402
+from cli.service import app as service_app  # noqa: E402
 
 app.add_typer(service_app, name="service")
 

@@ -1,4 +1,4 @@
-"""End-to-end demo on the embedded defaults: `python -m core.demo` (or `secateurs service demo`).
+"""End-to-end demo on the embedded defaults: `python -m cli.demo` (or `secateurs service demo`).
 
 Starts the API and a worker as separate processes (SQLite database, SQLite-backed Celery broker, local
 artifacts, all under ./var/demo), creates a tenant and key, uploads an evaluation text, submits a real
@@ -68,7 +68,7 @@ def _build_fallback_model(dest: Path) -> None:
 
 def main(model: str | None = None, port: int = 8765, data_dir: str | None = None, sparsity: float = 0.5) -> int:
     model_dir = Path(model) if model else SHARED / "assets" / "stories260k-hf"
-    data = Path(data_dir or os.environ.get("SECATEURS_DEMO_DIR", ROOT / "var" / "demo")).resolve()
+    data = Path(data_dir or os.environ.get("SECATEURS_DEMO_DIR") or ROOT / "var" / "demo").resolve()
     data.mkdir(parents=True, exist_ok=True)
     if not model and not model_dir.is_dir():
         model_dir = data / "models" / "tiny-llama-random"

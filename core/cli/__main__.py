@@ -1,3 +1,0 @@
-from core.cli.app import main
-
-main()
