@@ -202,10 +202,10 @@ def print_table(title: str, headers: list[str], rows: list[list[str]]) -> None:
     except ImportError:
         widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(headers)]
         print(f"\n{title}")
-        print(" | ".join(h.ljust(w) for h, w in zip(headers, widths)))
+        print(" | ".join(h.ljust(w) for h, w in zip(headers, widths, strict=True)))
         print("-+-".join("-" * w for w in widths))
         for r in rows:
-            print(" | ".join(c.ljust(w) for c, w in zip(r, widths)))
+            print(" | ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)))
 
 
 # ----------------------------------------------------------------------------- main
@@ -375,7 +375,10 @@ def report(args, mtag: str, data: dict, base: dict, dense: dict, results: list[d
         tr = (o_s / t_s) if (o_s and t_s) else None
         cr = (o_c / t_c) if (o_c and t_c) else None
         pr = (o_p / t_p) if (o_p and t_p) else None
-        sp = lambda d: "—" if not d.get("stats") else f"{d['stats']['sparsity']:.3f}"
+
+        def sp(d: dict) -> str:
+            return "—" if not d.get("stats") else f"{d['stats']['sparsity']:.3f}"
+
         rows.append([
             r["method"], r["pattern"],
             fmt_s(o_s), fmt_s(t_s), fmt_ratio(tr, TIME_RATIO_MAX),

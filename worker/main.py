@@ -36,13 +36,14 @@ def _preload(**_: object) -> None:
     """Import torch/transformers once in the parent so each fresh child starts fast. CUDA stays untouched
     here (it is initialised only inside the task, in the child)."""
     try:
-        import core.pruning.run  # noqa: F401
         import transformers
 
+        import core.pruning.run  # noqa: F401
+
         # the lazy modules of the most common architectures, so a job's model load does not pay for them
+        _auto = transformers.AutoModelForCausalLM  # resolves transformers' lazy auto classes
         for arch in ("llama", "mistral", "qwen2", "qwen3", "gemma", "opt", "gpt2"):
             try:
-                getattr(transformers, "AutoModelForCausalLM")
                 __import__(f"transformers.models.{arch}.modeling_{arch}")
             except Exception:  # noqa: BLE001  (an architecture missing from this transformers)
                 pass

@@ -39,7 +39,7 @@ def perplexity(model: nn.Module, ids: torch.Tensor, seqlen: int, batch_size: int
     for batch in windows.split(batch_size):
         batch = batch.to(device)
         logits = model(input_ids=batch, use_cache=False).logits
-        for lg, ids_w in zip(logits, batch):  # one window at a time: no float copy of the whole batch's logits
+        for lg, ids_w in zip(logits, batch, strict=True):  # one window at a time: no float copy of the whole batch's logits
             # token t+1 is predicted from tokens ≤ t; the first token of each window is context only
             nll += nn.functional.cross_entropy(lg[:-1].float(), ids_w[1:], reduction="sum").item()
         count += batch[:, 1:].numel()

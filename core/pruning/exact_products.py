@@ -22,7 +22,7 @@ def _cpu_bf16_mode_works() -> bool:
     flag, so the flag buys nothing there (and without either unit oneDNN emulates bf16, slower than sgemm)."""
     if not any(getattr(torch.cpu, p, lambda: False)() for p in ("_is_amx_tile_supported", "_is_avx512_bf16_supported")):
         return False
-    flags = torch.backends.mkldnn.matmul
+    flags = torch.backends.mkldnn.matmul  # type: ignore[attr-defined]  # not in torch's stubs
     try:
         before = flags.fp32_precision
         flags.fp32_precision = "bf16"
@@ -42,7 +42,7 @@ def reduced_mode(source: torch.dtype, device: torch.device) -> tuple[Any, str] |
         return torch.backends.cuda.matmul, "tf32"
     if (device.type == "cpu" and source == torch.bfloat16 and torch.backends.mkldnn.is_available()
             and _cpu_bf16_mode_works()):
-        return torch.backends.mkldnn.matmul, "bf16"
+        return torch.backends.mkldnn.matmul, "bf16"  # type: ignore[attr-defined]
     return None
 
 

@@ -88,7 +88,10 @@ def file_mapped(tensors: list[torch.Tensor]) -> list[bool]:
     starts = [a for a, _ in files]
     out = []
     for span in spans:
-        k = bisect.bisect_right(starts, span[0]) - 1 if span else -1
+        if span is None:
+            out.append(False)
+            continue
+        k = bisect.bisect_right(starts, span[0]) - 1
         out.append(k >= 0 and files[k][0] <= span[0] and span[1] <= files[k][1])
     return out
 
@@ -130,7 +133,7 @@ def spill_to_file(tensors: dict[str, torch.Tensor], path: Path) -> dict[str, tor
         return {}
     save_file({k: v.contiguous() for k, v in tensors.items()}, str(path))
     back = load_file(str(path))
-    for t, mapped in zip(back.values(), file_mapped(list(back.values()))):
+    for t, mapped in zip(back.values(), file_mapped(list(back.values())), strict=True):
         if mapped:  # loading touched the pages; they are the file's own, so let them go until read
             release_file_pages(t)
     return back

@@ -163,7 +163,7 @@ def wait_for(c: httpx.Client, job_id: str, pred, timeout: float = 150, st: Stack
         if pred(job):
             return job
         time.sleep(0.25)
-    logs = "".join((p.read_text()[-2000:] for p in st.tmp.glob("worker-*.log"))) if st else ""
+    logs = "".join(p.read_text()[-2000:] for p in st.tmp.glob("worker-*.log")) if st else ""
     raise AssertionError(f"timed out; last state {job}\n{logs}")
 
 
@@ -204,7 +204,7 @@ def linear_sparsity(path: Path) -> tuple[float, list]:
 def test_job_succeeds_and_every_artifact_verifies(stack: Stack, spec: dict, tmp_path: Path):
     with stack.client() as c:
         cal = c.post("/v1/calibration-sets", files={"file": ("cal.jsonl", "\n".join(
-            '{"text": %s}' % __import__("json").dumps(t) for t in _texts(stack)[0].split("\n\n")[:200]).encode())})
+            f'{{"text": {__import__("json").dumps(t)}}}' for t in _texts(stack)[0].split("\n\n")[:200]).encode())})
         assert cal.status_code == 201, cal.text
         body = {"model": str(stack.models / "stories260k"), "method": "wanda", **spec,  # type: ignore[attr-defined]
                 "calibration": {"calibration_set_id": cal.json()["id"], "nsamples": 8, "seqlen": 64},

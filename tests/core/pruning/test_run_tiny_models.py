@@ -61,7 +61,7 @@ def test_prune_export_reload(tiny_model, tmp_path, arch, method, pattern):
 
     # embeddings, norms and the LM head are untouched
     dense = reload(src)
-    for (n, p), (n2, p2) in zip(dense.named_parameters(), model.named_parameters()):
+    for (n, p), (_, p2) in zip(dense.named_parameters(), model.named_parameters(), strict=True):
         if "embed" in n or "wte" in n or "wpe" in n or "norm" in n or "ln" in n or "lm_head" in n:
             assert torch.equal(p, p2), n
 
