@@ -1,6 +1,6 @@
 # syntax=docker/dockerfile:1.7
 # Two targets:
-#   api    - slim CPU image: FastAPI + SQLAlchemy + Celery client (no torch)
+#   api    - CPU image: FastAPI + SQLAlchemy + Celery client, and CPU torch for validating method options
 #   worker - CUDA image: the pruning engine + Celery worker (one job per GPU process)
 #
 #   docker build --target api -t secateurs-api .
@@ -16,7 +16,9 @@ ENV PYTHONDONTWRITEBYTECODE=1 PYTHONUNBUFFERED=1 PIP_NO_CACHE_DIR=1 \
 RUN useradd --system --uid 10001 --home-dir /app secateurs && mkdir -p /var/lib/secateurs \
     && chown secateurs /var/lib/secateurs
 WORKDIR /app
-# The API never imports torch: install the service dependencies only, then the project without deps.
+# Job bodies are validated against the registered methods' option models, and the method modules import torch:
+# the CPU build (about 200 MB, no CUDA), then the service dependencies, then the project without deps.
+RUN pip install --index-url https://download.pytorch.org/whl/cpu "torch>=2.4" numpy
 RUN pip install "fastapi>=0.115" "uvicorn[standard]>=0.30" "python-multipart>=0.0.9" "sqlalchemy>=2.0.30,<3" \
         "alembic>=1.13" "psycopg[binary]>=3.1" "celery[redis,sqlalchemy]>=5.4,<6" "kombu>=5.4" "redis>=5" \
         "boto3>=1.34" "prometheus-client>=0.20" "httpx>=0.27" "pydantic>=2.7,<3" "pydantic-settings>=2.3" \

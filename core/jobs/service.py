@@ -26,6 +26,7 @@ from core.errors import Conflict, InvalidInput, NotFound
 from core.jobs.queue import JobQueue, enqueue_after_commit
 from core.jobs.schemas import JobCreate
 from core.jobs.state import INITIAL, TERMINAL, JobStatus, transition
+from core.pruning import preflight
 from core.pruning.config import PruneConfig
 from core.pruning.locations import names_local_path
 from core.settings import Settings
@@ -119,9 +120,18 @@ class JobService:
             }
         data["device"] = self.settings.device
         try:
-            return PruneConfig.model_validate(data)
+            config = PruneConfig.model_validate(data)
         except ValidationError as e:
             raise _pydantic_to_invalid(e, []) from None
+        # what can be checked before a worker loads the model (the worker machine's device and packages it checks
+        # itself; uploaded sets were parsed when they were uploaded)
+        problems = preflight.check(config, on_this_machine=False)
+        if problems:
+            first = problems[0]
+            raise InvalidInput(
+                f"{first.field}: {first.message}",
+                errors=[{"loc": ["body", *p.field.split(".")], "msg": p.message, "type": p.code} for p in problems])
+        return config
 
     def _text_source(self, block: Any, where: str, default: str) -> str:
         """A named set, or `uploaded:<id>` of one of this tenant's calibration sets (resolved by the worker)."""

@@ -62,8 +62,8 @@ def lift_method_settings(data: dict[str, Any], model_fields: set[str]) -> dict[s
     that method's default (stored configs carry every method's settings), and is refused otherwise."""
     method = data.get("method", "wanda")
     known = registered_methods()
-    if not isinstance(method, str) or method not in known:
-        return data  # the method's own error is the one to report
+    if not isinstance(method, str) or method not in known or not isinstance(data.get("method_options") or {}, dict):
+        return data  # the field's own error is the one to report
     lifted, options, refused = dict(data), dict(data.get("method_options") or {}), []
     for key, value in data.items():
         owners = [] if key in model_fields else method_option_owners(key)

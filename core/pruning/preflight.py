@@ -54,10 +54,10 @@ def check(config: PruneConfig, out_dir: Path | str | None = None, *,
         problems += _device(config.device)
     if config.calibration.texts is None:
         problems += _text_source("calibration.source", config.calibration.source, "calibration_error",
-                                 resolve_upload, tokens_allowed=True)
+                                 resolve_upload, on_this_machine, tokens_allowed=True)
     if config.evaluation is not None:
         problems += _text_source("evaluation.source", config.evaluation.source, "evaluation_error",
-                                 resolve_upload, tokens_allowed=False)
+                                 resolve_upload, on_this_machine, tokens_allowed=False)
     problems += _combinations(config, on_this_machine)
     if out_dir is not None:
         problems += out_dir_problems(Path(out_dir))
@@ -125,9 +125,9 @@ def _device(name: str) -> list[Problem]:
 
 
 def _text_source(field: str, source: str, code: str, resolve_upload: Callable[[str], Path | None] | None,
-                 tokens_allowed: bool) -> list[Problem]:
+                 on_this_machine: bool, tokens_allowed: bool) -> list[Problem]:
     if source in NAMED_SETS:
-        if importlib.util.find_spec("datasets") is None:
+        if on_this_machine and importlib.util.find_spec("datasets") is None:
             return [Problem(field, f"named set {source!r} needs the `datasets` package "
                                    "(pip install 'secateurs[datasets]'), or pass a local file", code)]
         return []

@@ -181,6 +181,18 @@ def test_bad_inputs_are_422_problems_naming_the_field(api, patch, field):  # noq
     assert_problem(api.client.post("/v1/pruning-jobs", json=body(**patch), headers=h), 422, field)
 
 
+def test_method_options_are_checked_at_creation_and_flat_settings_still_accepted(api):  # noqa: ANN001
+    _, h = api.tenant()
+    r = api.client.post("/v1/pruning-jobs", json=body(method="sparsegpt", percdamp=0.05), headers=h)
+    assert r.status_code == 201, r.text
+    assert r.json()["request"]["method_options"]["percdamp"] == 0.05
+    assert_problem(api.client.post("/v1/pruning-jobs", json=body(percdamp=0.05), headers=h), 422, "percdamp")
+    bad = body(pattern="2:4", sparsity=None, method_options={"wanda_alpha_search": True})
+    assert_problem(api.client.post("/v1/pruning-jobs", json=bad, headers=h), 422, "method_options.wanda_alpha_search")
+    unknown = body(method_options={"blocksize": 64})
+    assert_problem(api.client.post("/v1/pruning-jobs", json=unknown, headers=h), 422, "method_options")
+
+
 def test_missing_target_and_malformed_json(api):  # noqa: ANN001
     _, h = api.tenant()
     p = assert_problem(api.client.post("/v1/pruning-jobs", json=body(sparsity=None), headers=h), 422)
