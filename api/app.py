@@ -1,4 +1,5 @@
 """The FastAPI application factory. ``uvicorn api.app:create_app --factory`` or ``secateurs service api``."""
+
 from __future__ import annotations
 
 import logging
@@ -59,8 +60,9 @@ class UploadLimit:
 
     async def _reject(self, scope, receive, send) -> None:  # noqa: ANN001
         err = too_large(self.max_bytes)
-        resp = problems.problem(err.status, err.title, err.detail, type_=err.type_, instance=scope["path"],
-                                code="too_large")
+        resp = problems.problem(
+            err.status, err.title, err.detail, type_=err.type_, instance=scope["path"], code="too_large"
+        )
         await resp(scope, receive, send)
 
 
@@ -72,8 +74,12 @@ def create_app(settings: Settings | None = None, queue: JobQueue | None = None) 
     """``queue``: where new jobs are published; by default the Celery broker of ``settings``."""
     s = settings or get_settings()
     s.ensure_dirs()
-    app = FastAPI(title="secateurs", version="1.0.0", description=DESCRIPTION,
-                  responses={500: {"description": "Internal error", "model": problems.Problem}})
+    app = FastAPI(
+        title="secateurs",
+        version="1.0.0",
+        description=DESCRIPTION,
+        responses={500: {"description": "Internal error", "model": problems.Problem}},
+    )
     app.state.settings = s
     app.state.sessions = session_factory(s.db_url)
     app.state.storage = make_storage(s)

@@ -1,4 +1,5 @@
 """Request-scoped dependencies: settings, the request's unit of work, the authenticated principal, the queue."""
+
 from __future__ import annotations
 
 from collections.abc import Iterator

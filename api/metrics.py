@@ -1,4 +1,5 @@
 """Prometheus metrics: HTTP latencies (middleware) and job gauges read from the database at scrape time."""
+
 from __future__ import annotations
 
 import time
@@ -30,8 +31,11 @@ class JobCollector:
             g.add_metric([st.value], counts.get(st.value, 0))
         yield g
         yield GaugeMetricFamily("secateurs_queue_depth", "Jobs waiting for a worker", value=counts.get("queued", 0))
-        h = HistogramMetricFamily("secateurs_job_duration_seconds",
-                                  "Run time (running -> finished) of jobs finished in the last 24h", labels=["status"])
+        h = HistogramMetricFamily(
+            "secateurs_job_duration_seconds",
+            "Run time (running -> finished) of jobs finished in the last 24h",
+            labels=["status"],
+        )
         by: dict[str, list[float]] = {}
         for status, d in durations:
             by.setdefault(status, []).append(d)
@@ -46,9 +50,13 @@ class MetricsMiddleware:
 
     def __init__(self, app: Any, registry: CollectorRegistry) -> None:
         self.app = app
-        self.hist = Histogram("secateurs_http_request_duration_seconds", "HTTP request latency",
-                              ["method", "route", "status"], registry=registry,
-                              buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10))
+        self.hist = Histogram(
+            "secateurs_http_request_duration_seconds",
+            "HTTP request latency",
+            ["method", "route", "status"],
+            registry=registry,
+            buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
+        )
 
     async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
         if scope["type"] != "http":

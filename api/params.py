@@ -1,5 +1,6 @@
 """Path and query parameters shared by the routes, bounded so that anything the database cannot hold (NUL
 bytes, control characters, integers past its columns) is refused as invalid input naming the parameter."""
+
 from __future__ import annotations
 
 from typing import Annotated
@@ -12,5 +13,7 @@ MAX_SEQ = 2**31 - 1  # event sequence numbers are 32-bit integers
 JobId = Annotated[str, Path(max_length=64, pattern=TEXT)]
 SetId = Annotated[str, Path(max_length=64, pattern=TEXT)]
 ArtifactName = Annotated[str, Path(max_length=512, pattern=TEXT)]
-IdCursor = Annotated[str | None, Query(max_length=64, pattern=TEXT, description="cursor: id of the last item of the previous page")]
+IdCursor = Annotated[
+    str | None, Query(max_length=64, pattern=TEXT, description="cursor: id of the last item of the previous page")
+]
 SeqCursor = Annotated[int, Query(ge=0, le=MAX_SEQ, description="return events with id > after")]

@@ -1,4 +1,5 @@
 """RFC 9457 problem details for every error, including request validation errors."""
+
 from __future__ import annotations
 
 import logging
@@ -71,8 +72,16 @@ def install(app: FastAPI) -> None:
     async def _service(request: Request, exc: ServiceError) -> JSONResponse:
         headers = {"WWW-Authenticate": "Bearer"} if exc.status == 401 else None
         code = exc.code or exc.type_.replace("-", "_")
-        return problem(exc.status, exc.title, exc.detail, type_=exc.type_, instance=request.url.path,
-                       code=code, errors=exc.errors, headers=headers)
+        return problem(
+            exc.status,
+            exc.title,
+            exc.detail,
+            type_=exc.type_,
+            instance=request.url.path,
+            code=code,
+            errors=exc.errors,
+            headers=headers,
+        )
 
     @app.exception_handler(RequestValidationError)
     async def _validation(request: Request, exc: RequestValidationError) -> JSONResponse:
@@ -84,8 +93,15 @@ def install(app: FastAPI) -> None:
         loc = [x for x in first["loc"] if x not in ("body", "query", "path", "header")]
         where = ".".join(str(x) for x in loc)
         detail = f"{where}: {first['msg']}" if where else str(first["msg"])
-        return problem(422, "Invalid request", detail, type_="validation-error", instance=request.url.path,
-                       code="validation_error", errors=errors)
+        return problem(
+            422,
+            "Invalid request",
+            detail,
+            type_="validation-error",
+            instance=request.url.path,
+            code="validation_error",
+            errors=errors,
+        )
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
@@ -101,16 +117,28 @@ def install(app: FastAPI) -> None:
     @app.exception_handler(Exception)
     async def _unhandled(request: Request, exc: Exception) -> JSONResponse:
         log.exception("unhandled error on %s %s", request.method, request.url.path)
-        return problem(500, "Internal Server Error", "an unexpected error occurred; it has been logged",
-                       instance=request.url.path, code="internal_error")
+        return problem(
+            500,
+            "Internal Server Error",
+            "an unexpected error occurred; it has been logged",
+            instance=request.url.path,
+            code="internal_error",
+        )
 
 
 def error_responses(*statuses: int) -> dict[int | str, dict[str, Any]]:
     """OpenAPI `responses=` entries documenting problem+json errors with examples."""
     titles = {
-        304: "Not Modified", 307: "Temporary Redirect", 400: "Bad Request", 401: "Unauthorized",
-        404: "Not found", 409: "Conflict", 413: "Content too large", 416: "Range Not Satisfiable",
-        422: "Invalid request", 503: "Service Unavailable",
+        304: "Not Modified",
+        307: "Temporary Redirect",
+        400: "Bad Request",
+        401: "Unauthorized",
+        404: "Not found",
+        409: "Conflict",
+        413: "Content too large",
+        416: "Range Not Satisfiable",
+        422: "Invalid request",
+        503: "Service Unavailable",
     }
     details = {
         400: "There was an error parsing the body",
@@ -126,10 +154,21 @@ def error_responses(*statuses: int) -> dict[int | str, dict[str, Any]]:
         if s in (304, 307):
             out[s] = {"description": titles[s]}
             continue
-        example: dict[str, Any] = {"type": "about:blank", "title": titles.get(s, "Error"), "status": s, "detail": details.get(s)}
+        example: dict[str, Any] = {
+            "type": "about:blank",
+            "title": titles.get(s, "Error"),
+            "status": s,
+            "detail": details.get(s),
+        }
         if s == 422:
-            example.update(type=TYPE_BASE + "validation-error", code="validation_error",
-                           errors=[{"loc": ["body", "sparsity"], "msg": "Input should be less than 1", "type": "less_than"}])
-        out[s] = {"description": titles.get(s, "Error"), "model": Problem,
-                  "content": {PROBLEM: {"schema": {"$ref": "#/components/schemas/Problem"}, "example": example}}}
+            example.update(
+                type=TYPE_BASE + "validation-error",
+                code="validation_error",
+                errors=[{"loc": ["body", "sparsity"], "msg": "Input should be less than 1", "type": "less_than"}],
+            )
+        out[s] = {
+            "description": titles.get(s, "Error"),
+            "model": Problem,
+            "content": {PROBLEM: {"schema": {"$ref": "#/components/schemas/Problem"}, "example": example}},
+        }
     return out

@@ -1,4 +1,5 @@
 """Response bodies (documented in OpenAPI) and the functions that build them from rows."""
+
 from __future__ import annotations
 
 from datetime import datetime
@@ -119,8 +120,13 @@ class Ready(BaseModel):
 
 def job_urls(base: str, job_id: str) -> dict[str, str]:
     p = f"{base}/v1/pruning-jobs/{job_id}"
-    return {"self": p, "cancel": f"{p}/cancel", "events": f"{p}/events", "events_stream": f"{p}/events/stream",
-            "artifacts": f"{p}/artifacts"}
+    return {
+        "self": p,
+        "cancel": f"{p}/cancel",
+        "events": f"{p}/events",
+        "events_stream": f"{p}/events/stream",
+        "artifacts": f"{p}/artifacts",
+    }
 
 
 def job_out(job: Job, base: str = "") -> JobOut:
@@ -150,8 +156,14 @@ def event_out(ev: JobEvent) -> EventOut:
 
 
 def artifact_out(a: Artifact, base: str = "") -> ArtifactOut:
-    return ArtifactOut(name=a.name, kind=a.kind, size=a.size, sha256=a.sha256, attempt=a.attempt,
-                       url=f"{base}/v1/pruning-jobs/{a.job_id}/artifacts/{a.name}")
+    return ArtifactOut(
+        name=a.name,
+        kind=a.kind,
+        size=a.size,
+        sha256=a.sha256,
+        attempt=a.attempt,
+        url=f"{base}/v1/pruning-jobs/{a.job_id}/artifacts/{a.name}",
+    )
 
 
 def calibration_out(c: CalibrationSet) -> CalibrationSetOut:

@@ -4,6 +4,7 @@ This module is imported both by the workers that run in the main environment and
 `llmc_runner.py`, which runs inside the llm-compressor virtualenv: it must depend on
 nothing but the standard library, torch and transformers.
 """
+
 from __future__ import annotations
 
 import json
@@ -101,10 +102,15 @@ def engine_config(model: str, tokens: str, method: str, pattern: str, dtype: str
     t = load_tokens(tokens)
     nm = ":" in pattern
     return PruneConfig(
-        model=model, method=method, sparsity=None if nm else float(pattern), pattern=pattern if nm else None,
-        device="cpu", dtype=dtype,
+        model=model,
+        method=method,
+        sparsity=None if nm else float(pattern),
+        pattern=pattern if nm else None,
+        device="cpu",
+        dtype=dtype,
         calibration=CalibrationConfig(source=tokens, nsamples=t.shape[0], seqlen=t.shape[1]),
-        evaluation=None, export=ExportConfig(save_model=False, masks=False),
+        evaluation=None,
+        export=ExportConfig(save_model=False, masks=False),
     )
 
 
@@ -150,9 +156,7 @@ def perplexity(model, windows, batch_size: int = 8) -> float:
         for i in range(0, windows.shape[0], batch_size):
             x = windows[i : i + batch_size]
             logits = model(input_ids=x, use_cache=False).logits.float()
-            loss = F.cross_entropy(
-                logits[:, :-1].reshape(-1, logits.shape[-1]), x[:, 1:].reshape(-1), reduction="sum"
-            )
+            loss = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), x[:, 1:].reshape(-1), reduction="sum")
             nll += float(loss)
             count += x[:, 1:].numel()
             del logits

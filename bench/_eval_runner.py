@@ -12,6 +12,7 @@ transformers and the engine (`core.pruning.run`) and loading the dense model on 
 weight read once (so memory-mapped weights are resident).
 Also reports the model's largest decoder block in bytes.
 """
+
 from __future__ import annotations
 
 import os
@@ -83,9 +84,7 @@ def main() -> None:
             model(input_ids=torch.ones(1, 1, dtype=torch.long))
         baseline_rss_warm = C.rss_bytes()
         blocks = _blocks(model)
-        block_bytes = [
-            sum(p.numel() * p.element_size() for p in b.parameters()) for b in blocks
-        ]
+        block_bytes = [sum(p.numel() * p.element_size() for p in b.parameters()) for b in blocks]
         res.update(
             rss_python_torch_transformers=rss_python_torch_tf,
             rss_imports=rss_imports,

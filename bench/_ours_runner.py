@@ -9,6 +9,7 @@ further PruneConfig fields).
 No evaluation inside the run (perplexity is measured afterwards by `_eval_runner.py`, with the
 same code for both tools), so the peak RSS is that of loading + calibration + pruning + export.
 """
+
 from __future__ import annotations
 
 import os

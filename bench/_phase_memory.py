@@ -6,6 +6,7 @@ Before each wrapped engine call the kernel's high-water mark is reset (`/proc/se
 after it, so every line is that call's own peak: RSS before -> after, peak. Without BLOCK it prints each
 call that raised the run's maximum; with BLOCK, every call of that block (0-based). Linux only.
 """
+
 from __future__ import annotations
 
 import functools

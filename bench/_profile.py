@@ -5,6 +5,7 @@
 PATTERN is an unstructured sparsity (0.5) or N:M (2:4). Prints the engine functions that take the
 time (cumulative and own), the engine's stage timings and the RSS peak.
 """
+
 from __future__ import annotations
 
 import cProfile
@@ -37,8 +38,10 @@ def main() -> None:
     prof.enable()
     res = prune(cfg, out)
     prof.disable()
-    print(f"prune() {time.perf_counter() - t0:.2f}s  timings {res.metrics['timings']}  "
-          f"peak RSS {C.peak_rss_self_bytes() / 2**20:.0f} MB")
+    print(
+        f"prune() {time.perf_counter() - t0:.2f}s  timings {res.metrics['timings']}  "
+        f"peak RSS {C.peak_rss_self_bytes() / 2**20:.0f} MB"
+    )
     for key in ("cumulative", "tottime"):
         s = io.StringIO()
         pstats.Stats(prof, stream=s).sort_stats(key).print_stats(28)

@@ -13,6 +13,7 @@ writes gpu_check.json (to --out):
      per block, device peak;
   4. a tiny Llama pruned on the CPU and on the device: the share of identical mask entries.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -60,8 +61,13 @@ def check_factor(d: int, device: torch.device) -> dict:
     damped = H64 + 0.01 * H64.diagonal().mean() * torch.eye(d, dtype=torch.float64)
     U64 = U.double().cpu()
     err = (U64.t() @ U64 @ damped - torch.eye(d, dtype=torch.float64)).abs().max().item()
-    return {"d": d, "seconds": round(seconds, 4), "max |UᵀU·H − I|": err, "extra_device_mib": extra,
-            "hessian_mib": d * d * 4 / MiB}
+    return {
+        "d": d,
+        "seconds": round(seconds, 4),
+        "max |UᵀU·H − I|": err,
+        "extra_device_mib": extra,
+        "hessian_mib": d * d * 4 / MiB,
+    }
 
 
 def build_llama(where: Path, dtype: torch.dtype, **shape) -> Path:
@@ -77,10 +83,17 @@ def build_llama(where: Path, dtype: torch.dtype, **shape) -> Path:
 def run_engine(model: Path, tokens: Path, method: str, pattern: str, device: str, dtype: str) -> dict:
     nm = ":" in pattern
     t = torch.load(tokens)
-    cfg = PruneConfig(model=str(model), method=method, sparsity=None if nm else float(pattern),
-                      pattern=pattern if nm else None, device=device, dtype=dtype,
-                      calibration=CalibrationConfig(source=str(tokens), nsamples=t.shape[0], seqlen=t.shape[1]),
-                      evaluation=None, export=ExportConfig(save_model=False, masks=False))
+    cfg = PruneConfig(
+        model=str(model),
+        method=method,
+        sparsity=None if nm else float(pattern),
+        pattern=pattern if nm else None,
+        device=device,
+        dtype=dtype,
+        calibration=CalibrationConfig(source=str(tokens), nsamples=t.shape[0], seqlen=t.shape[1]),
+        evaluation=None,
+        export=ExportConfig(save_model=False, masks=False),
+    )
     with tempfile.TemporaryDirectory() as tmp:
         started = time.perf_counter()
         res = prune(cfg, Path(tmp) / "out")
@@ -89,10 +102,17 @@ def run_engine(model: Path, tokens: Path, method: str, pattern: str, device: str
     nm_ok = None
     if nm:
         nm_ok = all(layer["sparsity"] >= 0.5 - 1e-6 for layer in m["layers"])
-    return {"method": method, "pattern": pattern, "prune_s": m["timings"].get("prune"), "wall_s": round(wall, 2),
-            "device_peak_mib": (m["memory"].get("cuda_peak_bytes") or 0) / MiB,
-            "process_peak_rss_mib_so_far": m["memory"]["peak_rss_bytes"] / MiB, "sparsity": m["achieved_sparsity"],
-            "every_layer_at_least_half_zero": nm_ok, "blocks": m["model"]["blocks"]}
+    return {
+        "method": method,
+        "pattern": pattern,
+        "prune_s": m["timings"].get("prune"),
+        "wall_s": round(wall, 2),
+        "device_peak_mib": (m["memory"].get("cuda_peak_bytes") or 0) / MiB,
+        "process_peak_rss_mib_so_far": m["memory"]["peak_rss_bytes"] / MiB,
+        "sparsity": m["achieved_sparsity"],
+        "every_layer_at_least_half_zero": nm_ok,
+        "blocks": m["model"]["blocks"],
+    }
 
 
 def mask_agreement(work: Path, device: str) -> dict:
@@ -101,9 +121,16 @@ def mask_agreement(work: Path, device: str) -> dict:
 
     masks = []
     for i, dev in enumerate(("cpu", device)):
-        cfg = PruneConfig(model=str(src), method="sparsegpt", pattern="2:4", device=dev, dtype="float32",
-                          calibration=CalibrationConfig(source=str(src / "calibration.txt"), nsamples=8, seqlen=32),
-                          evaluation=None, export=ExportConfig(save_model=False, masks=True))
+        cfg = PruneConfig(
+            model=str(src),
+            method="sparsegpt",
+            pattern="2:4",
+            device=dev,
+            dtype="float32",
+            calibration=CalibrationConfig(source=str(src / "calibration.txt"), nsamples=8, seqlen=32),
+            evaluation=None,
+            export=ExportConfig(save_model=False, masks=True),
+        )
         prune(cfg, work / f"tiny-{i}")
         masks.append(load_file(work / f"tiny-{i}" / "masks.safetensors"))
     same = sum(int((masks[0][k] == masks[1][k]).sum()) for k in masks[0])
@@ -118,8 +145,11 @@ def main() -> None:
     p.add_argument("--small", action="store_true", help="tiny sizes: a smoke test of this script")
     args = p.parse_args()
     device = torch.device(args.device)
-    report: dict = {"torch": torch.__version__, "device": args.device,
-                    "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"}
+    report: dict = {
+        "torch": torch.__version__,
+        "device": args.device,
+        "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+    }
     print(report, flush=True)
     small = args.small
     report["factor"] = [check_factor(d, device) for d in ((256, 512) if small else (4096, 11008))]
@@ -130,8 +160,13 @@ def main() -> None:
         n, s = (4, 64) if small else (128, 2048)
         tokens = work / "tokens.pt"
         torch.save(torch.randint(0, 32000, (n, s), generator=torch.Generator().manual_seed(0)), tokens)
-        shape100m = dict(hidden_size=768, intermediate_size=2048, num_hidden_layers=2 if small else 12,
-                         num_attention_heads=12, num_key_value_heads=12)
+        shape100m = dict(
+            hidden_size=768,
+            intermediate_size=2048,
+            num_hidden_layers=2 if small else 12,
+            num_attention_heads=12,
+            num_key_value_heads=12,
+        )
         m100 = build_llama(work / "llama100m", torch.bfloat16, **shape100m)
         report["llama100m_bf16"] = []
         for method in ("wanda", "sparsegpt"):
@@ -139,8 +174,13 @@ def main() -> None:
                 r = run_engine(m100, tokens, method, pattern, args.device, "bfloat16")
                 print(r, flush=True)
                 report["llama100m_bf16"].append(r)
-        shape7b = dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=2, num_attention_heads=32,
-                       num_key_value_heads=32)
+        shape7b = dict(
+            hidden_size=4096,
+            intermediate_size=11008,
+            num_hidden_layers=2,
+            num_attention_heads=32,
+            num_key_value_heads=32,
+        )
         if small:
             shape7b.update(hidden_size=256, intermediate_size=688, num_attention_heads=4, num_key_value_heads=4)
         m7 = build_llama(work / "llama7b-2blocks", torch.bfloat16, **shape7b)

@@ -12,6 +12,7 @@ batch_size, save (path of a safetensors file for the pruned weights, or null).
 The timed section is the `oneshot(...)` call alone, given the already loaded model and the
 already tokenised calibration windows; loading and saving are timed separately.
 """
+
 from __future__ import annotations
 
 import os
@@ -45,9 +46,7 @@ def main() -> None:
     model.eval()
     tokens = C.load_tokens(spec["tokens"])
     ns, sl = tokens.shape
-    ds = Dataset.from_dict(
-        {"input_ids": tokens.tolist(), "attention_mask": torch.ones_like(tokens).tolist()}
-    )
+    ds = Dataset.from_dict({"input_ids": tokens.tolist(), "attention_mask": torch.ones_like(tokens).tolist()})
     clock.lap("load")
 
     common = {

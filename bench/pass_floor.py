@@ -15,6 +15,7 @@ With --json (a prune_bench.py run on the same model, tokens, dtype and threads) 
 prune times beside the floor: our floor / llm-compressor's time is the smallest time ratio that any
 implementation of the protocol could reach on this machine, whatever its pruning step costs.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -86,15 +87,19 @@ def main() -> None:
     print(f"  reference / llm-compressor: 2 full      {m['reference_floor_s']:7.2f} s")
     if args.json:
         run = json.loads(Path(args.json).read_text())
-        print(f"\n  {'method':10} {'pattern':8} {'ours s':>7} {'llmc s':>7} {'ratio':>6} {'our passes s':>12} "
-              f"{'floor ratio':>11} {'llmc beyond its passes s':>24}")
+        print(
+            f"\n  {'method':10} {'pattern':8} {'ours s':>7} {'llmc s':>7} {'ratio':>6} {'our passes s':>12} "
+            f"{'floor ratio':>11} {'llmc beyond its passes s':>24}"
+        )
         for cell in run.get("results", []):
             ours, llmc = cell.get("ours") or {}, cell.get("llmc") or {}
             if not ours.get("prune_s") or not llmc.get("prune_s"):
                 continue
             o, lm = ours["prune_s"], llmc["prune_s"]
-            print(f"  {cell['method']:10} {cell['pattern']:8} {o:7.2f} {lm:7.2f} {o / lm:6.3f} "
-                  f"{m['ours_floor_s']:12.2f} {m['ours_floor_s'] / lm:11.3f} {lm - m['reference_floor_s']:24.2f}")
+            print(
+                f"  {cell['method']:10} {cell['pattern']:8} {o:7.2f} {lm:7.2f} {o / lm:6.3f} "
+                f"{m['ours_floor_s']:12.2f} {m['ours_floor_s'] / lm:11.3f} {lm - m['reference_floor_s']:24.2f}"
+            )
 
 
 if __name__ == "__main__":

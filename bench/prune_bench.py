@@ -9,6 +9,7 @@ own virtualenv (bench/llmc_runner.py), and perplexity for both with the same eva
 same windows (bench/_eval_runner.py). Both tools get the identical token ids (a .pt file).
 See bench/README.md.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -211,9 +212,15 @@ def print_table(title: str, headers: list[str], rows: list[list[str]]) -> None:
 # ----------------------------------------------------------------------------- main
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", default=str(DEFAULT_MODEL), help="model directory, or 'llama100m' to build/use the random-init ~110M Llama")
+    p.add_argument(
+        "--model",
+        default=str(DEFAULT_MODEL),
+        help="model directory, or 'llama100m' to build/use the random-init ~110M Llama",
+    )
     p.add_argument("--calib-text", default=str(DEFAULT_TEXT))
-    p.add_argument("--eval-text", default=None, help="default: --calib-text (eval windows are then kept out of calibration)")
+    p.add_argument(
+        "--eval-text", default=None, help="default: --calib-text (eval windows are then kept out of calibration)"
+    )
     p.add_argument("--nsamples", type=int, default=64)
     p.add_argument("--seqlen", type=int, default=256)
     p.add_argument("--eval-seqlen", type=int, default=None, help="default: --seqlen")
@@ -221,13 +228,19 @@ def parse_args(argv=None):
     p.add_argument("--eval-batch", type=int, default=8)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=2, help="torch.set_num_threads for every run, both tools")
-    p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"),
-                   help="dtype the model is loaded in, by both tools and by the evaluator")
+    p.add_argument(
+        "--dtype",
+        default="float32",
+        choices=("float32", "bfloat16", "float16"),
+        help="dtype the model is loaded in, by both tools and by the evaluator",
+    )
     p.add_argument("--methods", default="magnitude,wanda,sparsegpt")
     p.add_argument("--patterns", default="0.5,2:4", help="comma list: unstructured sparsities and/or N:M patterns")
     p.add_argument("--llmc-python", default=str(DEFAULT_LLMC_PY), help="python of the llm-compressor virtualenv")
     p.add_argument("--llmc-batch-size", type=int, default=1, help="oneshot batch_size (its default is 1)")
-    p.add_argument("--repeat", type=int, default=1, help="prune runs per cell; the fastest is reported (shared machine)")
+    p.add_argument(
+        "--repeat", type=int, default=1, help="prune runs per cell; the fastest is reported (shared machine)"
+    )
     p.add_argument("--show-attempts", action="store_true", help="print the per-attempt table even with --repeat 1")
     p.add_argument("--no-llmc", action="store_true", help="only our engine")
     p.add_argument("--no-ours", action="store_true", help="only llm-compressor")
@@ -235,7 +248,9 @@ def parse_args(argv=None):
     p.add_argument("--timeout", type=float, default=3600, help="seconds per subprocess")
     p.add_argument("--json", default=None, help="also write every measurement to this JSON file")
     p.add_argument("--from-json", default=None, help="print the tables of a saved --json run again (no pruning)")
-    p.add_argument("--remeasure-baseline", action="store_true", help="with --from-json: measure the runtime baseline anew")
+    p.add_argument(
+        "--remeasure-baseline", action="store_true", help="with --from-json: measure the runtime baseline anew"
+    )
     a = p.parse_args(argv)
     a.eval_text = a.eval_text or a.calib_text
     return a
@@ -266,8 +281,11 @@ def main(argv=None) -> int:
         llmc = False
 
     data = prepare_tokens(args, model_dir, work)
-    print(f"model {model_dir}  dtype {args.dtype}  calibration {data['calib_shape']}  "
-          f"eval windows {data['eval_shape']}  threads {args.threads}", flush=True)
+    print(
+        f"model {model_dir}  dtype {args.dtype}  calibration {data['calib_shape']}  "
+        f"eval windows {data['eval_shape']}  threads {args.threads}",
+        flush=True,
+    )
     common = {"threads": args.threads, "model": str(model_dir), "dtype": args.dtype}
 
     base = run_worker(py, HERE / "_eval_runner.py", {**common, "mode": "baseline"}, work, "baseline", args.timeout)
@@ -275,9 +293,12 @@ def main(argv=None) -> int:
         print(base["error"])
         return 1
     dense = run_worker(
-        py, HERE / "_eval_runner.py",
+        py,
+        HERE / "_eval_runner.py",
         {**common, "mode": "eval", "eval_tokens": data["eval_tokens"], "batch_size": args.eval_batch},
-        work, "dense_eval", args.timeout,
+        work,
+        "dense_eval",
+        args.timeout,
     )
     print(f"dense ppl {fmt_ppl(dense.get('ppl'))}", flush=True)
 
@@ -293,14 +314,32 @@ def main(argv=None) -> int:
             weights = work / f"llmc_{tag}.safetensors"
             jobs = {}
             if not args.no_ours:
-                jobs["ours"] = (py, HERE / "_ours_runner.py",
-                                {**common, "tokens": data["calib_tokens"], "method": method, "sparsity": sparsity,
-                                 "pattern": pat if nm else None, "out_dir": str(out_dir)})
+                jobs["ours"] = (
+                    py,
+                    HERE / "_ours_runner.py",
+                    {
+                        **common,
+                        "tokens": data["calib_tokens"],
+                        "method": method,
+                        "sparsity": sparsity,
+                        "pattern": pat if nm else None,
+                        "out_dir": str(out_dir),
+                    },
+                )
             if llmc and method in LLMC_METHODS:
-                jobs["llmc"] = (args.llmc_python, HERE / "llmc_runner.py",
-                                {**common, "tokens": data["calib_tokens"], "method": method,
-                                 "sparsity": 0.5 if nm else sparsity, "mask_structure": pat if nm else "0:0",
-                                 "batch_size": args.llmc_batch_size, "save": str(weights)})
+                jobs["llmc"] = (
+                    args.llmc_python,
+                    HERE / "llmc_runner.py",
+                    {
+                        **common,
+                        "tokens": data["calib_tokens"],
+                        "method": method,
+                        "sparsity": 0.5 if nm else sparsity,
+                        "mask_structure": pat if nm else "0:0",
+                        "batch_size": args.llmc_batch_size,
+                        "save": str(weights),
+                    },
+                )
             # Attempts alternate between the tools (ours, llmc, ours, llmc, ...) so that both see
             # about the same background load on a shared machine.
             runs: dict[str, list[dict]] = {k: [] for k in jobs}
@@ -316,7 +355,12 @@ def main(argv=None) -> int:
             for tool in jobs:
                 res = pick_fastest(runs[tool])
                 if not res.get("error"):
-                    ev_spec = {**common, "mode": "eval", "eval_tokens": data["eval_tokens"], "batch_size": args.eval_batch}
+                    ev_spec = {
+                        **common,
+                        "mode": "eval",
+                        "eval_tokens": data["eval_tokens"],
+                        "batch_size": args.eval_batch,
+                    }
                     if tool == "ours":
                         ev_spec["model"] = str(out_dir)
                     else:
@@ -331,9 +375,20 @@ def main(argv=None) -> int:
             results.append(row)
 
     if args.json:
-        Path(args.json).write_text(json.dumps(
-            {"args": vars(args), "model_dir": str(model_dir), "data": data, "baseline": base, "dense": dense,
-             "results": results}, indent=1, default=str))
+        Path(args.json).write_text(
+            json.dumps(
+                {
+                    "args": vars(args),
+                    "model_dir": str(model_dir),
+                    "data": data,
+                    "baseline": base,
+                    "dense": dense,
+                    "results": results,
+                },
+                indent=1,
+                default=str,
+            )
+        )
     report(args, mtag, data, base, dense, results)
     return 0
 
@@ -345,10 +400,19 @@ def rereport(args) -> int:
     if args.remeasure_baseline:
         work = Path(args.workdir).resolve()
         work.mkdir(parents=True, exist_ok=True)
-        base = run_worker(sys.executable, HERE / "_eval_runner.py",
-                          {"threads": saved["args"]["threads"], "model": str(model_dir), "mode": "baseline",
-                           "dtype": saved["args"].get("dtype", "float32")},
-                          work, f"baseline_{model_dir.name}", args.timeout)
+        base = run_worker(
+            sys.executable,
+            HERE / "_eval_runner.py",
+            {
+                "threads": saved["args"]["threads"],
+                "model": str(model_dir),
+                "mode": "baseline",
+                "dtype": saved["args"].get("dtype", "float32"),
+            },
+            work,
+            f"baseline_{model_dir.name}",
+            args.timeout,
+        )
         if base.get("error"):
             print(base["error"])
             return 1
@@ -379,38 +443,69 @@ def report(args, mtag: str, data: dict, base: dict, dense: dict, results: list[d
         def sp(d: dict) -> str:
             return "—" if not d.get("stats") else f"{d['stats']['sparsity']:.3f}"
 
-        rows.append([
-            r["method"], r["pattern"],
-            fmt_s(o_s), fmt_s(t_s), fmt_ratio(tr, TIME_RATIO_MAX),
-            fmt_s(o_c), fmt_s(t_c), "—" if cr is None else f"{cr:.3f}",
-            fmt_ppl(dppl), fmt_ppl(o_p), fmt_ppl(t_p), fmt_ratio(pr, PPL_RATIO_MAX),
-            fmt_mb(o.get("peak_rss")), fmt_mb(t.get("peak_rss")),
-            f"{sp(o)} / {sp(t)}",
-        ])
+        rows.append(
+            [
+                r["method"],
+                r["pattern"],
+                fmt_s(o_s),
+                fmt_s(t_s),
+                fmt_ratio(tr, TIME_RATIO_MAX),
+                fmt_s(o_c),
+                fmt_s(t_c),
+                "—" if cr is None else f"{cr:.3f}",
+                fmt_ppl(dppl),
+                fmt_ppl(o_p),
+                fmt_ppl(t_p),
+                fmt_ratio(pr, PPL_RATIO_MAX),
+                fmt_mb(o.get("peak_rss")),
+                fmt_mb(t.get("peak_rss")),
+                f"{sp(o)} / {sp(t)}",
+            ]
+        )
         for tool, d in (("ours", o), ("llmc", t)):
             for k, a in enumerate(d.get("attempts") or []):
-                arows.append([
-                    r["method"], r["pattern"], tool, str(k + 1), fmt_s(a.get("prune_s")), fmt_s(a.get("prune_cpu_s")),
-                    fmt_s(a.get("process_wall_s")), fmt_mb(a.get("peak_rss")),
-                    "—" if a.get("loadavg_before") is None else f"{a['loadavg_before']:.2f}",
-                ])
+                arows.append(
+                    [
+                        r["method"],
+                        r["pattern"],
+                        tool,
+                        str(k + 1),
+                        fmt_s(a.get("prune_s")),
+                        fmt_s(a.get("prune_cpu_s")),
+                        fmt_s(a.get("process_wall_s")),
+                        fmt_mb(a.get("peak_rss")),
+                        "—" if a.get("loadavg_before") is None else f"{a['loadavg_before']:.2f}",
+                    ]
+                )
     headers = [
-        "method", "pattern",
-        "ours prune s", "llmc prune s", f"time ours/llmc (≤{TIME_RATIO_MAX})",
-        "ours cpu s", "llmc cpu s", "cpu ours/llmc",
-        "ppl dense", "ours ppl", "llmc ppl", f"ppl ours/llmc (≤{PPL_RATIO_MAX})",
-        "ours peak MB", "llmc peak MB", "sparsity ours / llmc",
+        "method",
+        "pattern",
+        "ours prune s",
+        "llmc prune s",
+        f"time ours/llmc (≤{TIME_RATIO_MAX})",
+        "ours cpu s",
+        "llmc cpu s",
+        "cpu ours/llmc",
+        "ppl dense",
+        "ours ppl",
+        "llmc ppl",
+        f"ppl ours/llmc (≤{PPL_RATIO_MAX})",
+        "ours peak MB",
+        "llmc peak MB",
+        "sparsity ours / llmc",
     ]
     print()
     print_table(
         f"{mtag}: {args.dtype}, calibration {ns}x{sl} tokens, eval {data['eval_shape'][0]}x{data['eval_shape'][1]}, "
         f"torch threads {args.threads}, fastest of {args.repeat}",
-        headers, rows,
+        headers,
+        rows,
     )
     if args.repeat > 1 or args.show_attempts:
         print_table(
             "every attempt (load average = 1-min load of the machine just before the run)",
-            ["method", "pattern", "tool", "#", "prune s", "cpu s", "proc s", "peak MB", "load avg"], arows,
+            ["method", "pattern", "tool", "#", "prune s", "cpu s", "proc s", "peak MB", "load avg"],
+            arows,
         )
 
     warm = base.get("baseline_rss_warm")
@@ -422,15 +517,33 @@ def report(args, mtag: str, data: dict, base: dict, dense: dict, results: list[d
             if not d or d.get("error"):
                 continue
             peak = d["peak_rss"]
-            mrows.append([
-                r["method"], r["pattern"], tool, fmt_mb(peak), fmt_mb(mem_limit),
-                fmt_mb(peak - base["baseline_rss"]), "ok" if peak <= mem_limit else "MISS",
-                fmt_mb(warm_limit), "—" if warm_limit is None else ("ok" if peak <= warm_limit else "MISS"),
-            ])
+            mrows.append(
+                [
+                    r["method"],
+                    r["pattern"],
+                    tool,
+                    fmt_mb(peak),
+                    fmt_mb(mem_limit),
+                    fmt_mb(peak - base["baseline_rss"]),
+                    "ok" if peak <= mem_limit else "MISS",
+                    fmt_mb(warm_limit),
+                    "—" if warm_limit is None else ("ok" if peak <= warm_limit else "MISS"),
+                ]
+            )
     print_table(
         "memory target: peak RSS ≤ (largest block + calibration activations) × 1.5 + runtime baseline",
-        ["method", "pattern", "tool", "peak MB", "limit MB", "peak − baseline MB", "check",
-         "limit, warm runtime MB", "check (warm)"], mrows,
+        [
+            "method",
+            "pattern",
+            "tool",
+            "peak MB",
+            "limit MB",
+            "peak − baseline MB",
+            "check",
+            "limit, warm runtime MB",
+            "check (warm)",
+        ],
+        mrows,
     )
     print(
         f"  largest block      {base['largest_block_bytes'] / MB:10.2f} MB  ({base['n_blocks']} blocks, model "
@@ -439,15 +552,21 @@ def report(args, mtag: str, data: dict, base: dict, dense: dict, results: list[d
         f"  runtime baseline   {base['baseline_rss'] / MB:10.2f} MB  (RSS of a fresh process after importing torch, "
         f"transformers{' and core.pruning.run' if base.get('engine_imported') else ''} and loading the dense model on CPU,\n"
         f"                     every weight read once; imports alone {base['rss_imports'] / MB:.0f} MB"
-        + (f", right after from_pretrained before reading the weights {base['baseline_rss_lazy'] / MB:.0f} MB"
-           if base.get("baseline_rss_lazy") else "") + ")\n"
+        + (
+            f", right after from_pretrained before reading the weights {base['baseline_rss_lazy'] / MB:.0f} MB"
+            if base.get("baseline_rss_lazy")
+            else ""
+        )
+        + ")\n"
         f"  limit = ({base['largest_block_bytes'] / MB:.2f} + {act_bytes / MB:.2f}) × {MEM_FACTOR} + "
         f"{base['baseline_rss'] / MB:.2f} = {mem_limit / MB:.2f} MB"
     )
     if warm:
-        print(f"  warm runtime       {warm / MB:10.2f} MB  (the same process after one forward of one token: "
-              f"OpenMP threads and kernel workspaces, +{(warm - base['baseline_rss']) / MB:.1f} MB); "
-              f"limit with it {warm_limit / MB:.2f} MB")
+        print(
+            f"  warm runtime       {warm / MB:10.2f} MB  (the same process after one forward of one token: "
+            f"OpenMP threads and kernel workspaces, +{(warm - base['baseline_rss']) / MB:.1f} MB); "
+            f"limit with it {warm_limit / MB:.2f} MB"
+        )
     vers = next((r["llmc"].get("versions") for r in results if r.get("llmc", {}).get("versions")), None)
     print(
         "  prune s: ours = engine prune() minus its load/export stages; llmc = the oneshot() call "

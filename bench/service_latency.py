@@ -6,6 +6,7 @@ Starts uvicorn (one process) on a fresh, migrated Postgres database, creates a t
 measures POST /v1/pruning-jobs and GET /v1/pruning-jobs/{id} from concurrent clients. No worker runs: jobs
 stay queued (the enqueue to Redis is part of the measured create). Prints p50/p90/p99 and throughput.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -33,13 +34,18 @@ def pct(xs: list[float], p: float) -> float:
 
 def report(name: str, lat: list[float], wall: float) -> str:
     ms = [x * 1000 for x in lat]
-    return (f"{name:<12} n={len(ms):<5} p50={pct(ms, 50):6.2f} ms  p90={pct(ms, 90):6.2f} ms  "
-            f"p99={pct(ms, 99):6.2f} ms  mean={statistics.fmean(ms):6.2f} ms  {len(ms) / wall:7.1f} req/s")
+    return (
+        f"{name:<12} n={len(ms):<5} p50={pct(ms, 50):6.2f} ms  p90={pct(ms, 90):6.2f} ms  "
+        f"p99={pct(ms, 99):6.2f} ms  mean={statistics.fmean(ms):6.2f} ms  {len(ms) / wall:7.1f} req/s"
+    )
 
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--pg", default=os.environ.get("SECATEURS_TEST_POSTGRES_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test"))
+    ap.add_argument(
+        "--pg",
+        default=os.environ.get("SECATEURS_TEST_POSTGRES_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test"),
+    )
     ap.add_argument("--redis", default=os.environ.get("SECATEURS_TEST_REDIS_URL", "redis://127.0.0.1:6379/0"))
     ap.add_argument("--creates", type=int, default=300)
     ap.add_argument("--gets", type=int, default=2000)
@@ -55,8 +61,14 @@ def main() -> int:
     from core.db.migrate import upgrade
 
     u = urlparse(a.pg.replace("+psycopg", ""))
-    admin = dict(host=u.hostname, port=u.port or 5432, user=u.username or "postgres", password=u.password,
-                 dbname=u.path.lstrip("/") or "postgres", autocommit=True)
+    admin = dict(
+        host=u.hostname,
+        port=u.port or 5432,
+        user=u.username or "postgres",
+        password=u.password,
+        dbname=u.path.lstrip("/") or "postgres",
+        autocommit=True,
+    )
     name = f"secateurs_bench_{uuid.uuid4().hex[:8]}"
     with psycopg.connect(**admin) as c:
         c.execute(f'CREATE DATABASE "{name}"')
@@ -72,10 +84,30 @@ def main() -> int:
             sk.bind(("127.0.0.1", 0))
             port = sk.getsockname()[1]
         env = {k: v for k, v in os.environ.items() if not k.startswith("SECATEURS_")}
-        env.update(SECATEURS_DATABASE_URL=db, SECATEURS_BROKER_URL=a.redis, SECATEURS_QUEUE=queue,
-                   SECATEURS_SECRET_KEY="bench-secret", SECATEURS_DATA_DIR=str(ROOT / "var" / "bench"))
-        api = subprocess.Popen([sys.executable, "-m", "uvicorn", "api.app:create_app", "--factory", "--port", str(port),
-                                "--log-level", "warning", "--no-access-log"], cwd=ROOT, env=env, start_new_session=True)
+        env.update(
+            SECATEURS_DATABASE_URL=db,
+            SECATEURS_BROKER_URL=a.redis,
+            SECATEURS_QUEUE=queue,
+            SECATEURS_SECRET_KEY="bench-secret",
+            SECATEURS_DATA_DIR=str(ROOT / "var" / "bench"),
+        )
+        api = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "uvicorn",
+                "api.app:create_app",
+                "--factory",
+                "--port",
+                str(port),
+                "--log-level",
+                "warning",
+                "--no-access-log",
+            ],
+            cwd=ROOT,
+            env=env,
+            start_new_session=True,
+        )
         base = f"http://127.0.0.1:{port}"
         for _ in range(200):
             try:
@@ -85,8 +117,13 @@ def main() -> int:
                 pass
             time.sleep(0.1)
         h = {"Authorization": f"Bearer {key}"}
-        body = {"model": "meta-llama/Llama-3.2-1B", "method": "wanda", "sparsity": 0.5,
-                "calibration": {"source": "c4", "nsamples": 128, "seqlen": 2048}, "metadata": {"bench": "1"}}
+        body = {
+            "model": "meta-llama/Llama-3.2-1B",
+            "method": "wanda",
+            "sparsity": 0.5,
+            "calibration": {"source": "c4", "nsamples": 128, "seqlen": 2048},
+            "metadata": {"bench": "1"},
+        }
         clients = [httpx.Client(base_url=base, headers=h, timeout=30) for _ in range(a.concurrency)]
         for c in clients:  # warm up connections and code paths
             c.post("/v1/pruning-jobs", json=body).raise_for_status()

@@ -15,6 +15,7 @@ a randomly initialised ~99M-parameter Llama-shaped model (hidden 768, 12 blocks,
 groups, MLP 2048, vocab 32000, tied embeddings): its perplexity is on random tokens and only shows that the
 model still runs — its speed and sizes are the point.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -63,16 +64,24 @@ def load_stories():
     tok = AutoTokenizer.from_pretrained(d)
     ids = tok((SHARED / "text" / "tinystories-valid.txt").read_text(), return_tensors="pt").input_ids[0]
     calib = ids[: 32 * 256].view(32, 256)
-    evalw = ids[32 * 256:]
+    evalw = ids[32 * 256 :]
     return (lambda: AutoModelForCausalLM.from_pretrained(d).eval()), calib, evalw, 256, 64
 
 
 def load_llama100m():
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    cfg = LlamaConfig(vocab_size=32000, hidden_size=768, intermediate_size=2048, num_hidden_layers=12,
-                      num_attention_heads=16, num_key_value_heads=4, head_dim=48, max_position_embeddings=1024,
-                      tie_word_embeddings=True)
+    cfg = LlamaConfig(
+        vocab_size=32000,
+        hidden_size=768,
+        intermediate_size=2048,
+        num_hidden_layers=12,
+        num_attention_heads=16,
+        num_key_value_heads=4,
+        head_dim=48,
+        max_position_embeddings=1024,
+        tie_word_embeddings=True,
+    )
     torch.manual_seed(0)
     state = LlamaForCausalLM(cfg).eval().state_dict()
 
@@ -98,14 +107,26 @@ def structure_table(name: str, loader, rounds: int, prompt_len: int, new_tokens:
             size = dir_bytes(tmp)
         ppl = perplexity(model, evalw, seqlen, batch_size=8, max_windows=windows)["perplexity"]
         variants[label] = model
-        rows.append({"model": name, "structure": label, "params": models.count_params(model), "file_bytes": size,
-                     "perplexity": ppl, "notes": m["notes"], "shape": _shape(model)})
+        rows.append(
+            {
+                "model": name,
+                "structure": label,
+                "params": models.count_params(model),
+                "file_bytes": size,
+                "perplexity": ppl,
+                "notes": m["notes"],
+                "shape": _shape(model),
+            }
+        )
     # timing: round-robin over all variants so that drifts of the machine hit all alike
     times: dict[str, list[dict]] = {k: [] for k in variants}
     for i in range(rounds):
         for label, model in variants.items():
-            times[label].append(generation_speed(model, prompt_len=prompt_len, new_tokens=new_tokens, repeats=1,
-                                                 warmup=2 if i == 0 else 0))
+            times[label].append(
+                generation_speed(
+                    model, prompt_len=prompt_len, new_tokens=new_tokens, repeats=1, warmup=2 if i == 0 else 0
+                )
+            )
     for r in rows:  # best round: the one least disturbed by other processes (the machine may be shared)
         t = times[r["structure"]]
         r["prefill_tok_s"] = max(x["prefill_tokens_per_s"] for x in t)
@@ -151,21 +172,36 @@ def compact_table(name: str, loader) -> list[dict]:
                 s = compact.pack_checkpoint(dense, packed)
                 t_pack = time.perf_counter() - t0
                 meta = compact.read_meta(packed)["tensors"]
-                sparse_dense_bytes = sum(math.prod(e["shape"]) * (2 if dtype != torch.float32 else 4)
-                                         for e in meta.values() if e["encoding"] != "dense")
+                sparse_dense_bytes = sum(
+                    math.prod(e["shape"]) * (2 if dtype != torch.float32 else 4)
+                    for e in meta.values()
+                    if e["encoding"] != "dense"
+                )
                 sparse_compact = sum(_encoded_bytes(e) for e in meta.values() if e["encoding"] != "dense")
                 t0 = time.perf_counter()
                 sd = compact.unpack_state_dict(packed)
                 t_unpack = time.perf_counter() - t0
                 ref = model.state_dict()
-                exact = all(torch.equal(sd[k].view(torch.int16), ref[k].contiguous().view(torch.int16))
-                            for k in sd if sd[k].dtype == dtype)
-                rows.append({"model": name, "dtype": str(dtype).removeprefix("torch."), "sparsity": how,
-                             "dense_file_bytes": dir_bytes(dense), "compact_file_bytes": s["file_bytes_compact"],
-                             "ratio_files": s["file_bytes_compact"] / dir_bytes(dense),
-                             "ratio_pruned_tensors": sparse_compact / sparse_dense_bytes,
-                             "encodings": s["encodings"], "bit_exact": exact,
-                             "pack_s": t_pack, "unpack_s": t_unpack})
+                exact = all(
+                    torch.equal(sd[k].view(torch.int16), ref[k].contiguous().view(torch.int16))
+                    for k in sd
+                    if sd[k].dtype == dtype
+                )
+                rows.append(
+                    {
+                        "model": name,
+                        "dtype": str(dtype).removeprefix("torch."),
+                        "sparsity": how,
+                        "dense_file_bytes": dir_bytes(dense),
+                        "compact_file_bytes": s["file_bytes_compact"],
+                        "ratio_files": s["file_bytes_compact"] / dir_bytes(dense),
+                        "ratio_pruned_tensors": sparse_compact / sparse_dense_bytes,
+                        "encodings": s["encodings"],
+                        "bit_exact": exact,
+                        "pack_s": t_pack,
+                        "unpack_s": t_unpack,
+                    }
+                )
     return rows
 
 
@@ -197,15 +233,31 @@ def main() -> None:
         loader, prompt, new = loaders[name]
         rows = structure_table(name, loader, a.rounds, prompt, new)
         out["structure"] += rows
-        print(f"\n### {name}: structured pruning (CPU, {out['threads']} threads, batch 1, prompt {prompt}, "
-              f"{new} decoded tokens, best of {a.rounds} round-robin rounds; load average "
-              f"{os.getloadavg()[0]:.1f})\n")
-        print(_md(rows, [("structure", "structure", ""), ("shape", "shape", ""), ("params", "params", ","),
-                         ("params_removed", "removed", ".1%"), ("file_bytes", "file bytes", ","),
-                         ("perplexity", "ppl", ".2f"), ("prefill_tok_s", "prefill tok/s", ".0f"),
-                         ("prefill_speedup", "×", ".2f"), ("decode_tok_s", "decode tok/s", ".1f"),
-                         ("decode_speedup", "×", ".2f"), ("decode_tok_s_median", "decode median", ".1f"),
-                         ("decode_tok_cpu_s", "decode tok/CPU-s", ".1f"), ("decode_cpu_speedup", "×", ".2f")]))
+        print(
+            f"\n### {name}: structured pruning (CPU, {out['threads']} threads, batch 1, prompt {prompt}, "
+            f"{new} decoded tokens, best of {a.rounds} round-robin rounds; load average "
+            f"{os.getloadavg()[0]:.1f})\n"
+        )
+        print(
+            _md(
+                rows,
+                [
+                    ("structure", "structure", ""),
+                    ("shape", "shape", ""),
+                    ("params", "params", ","),
+                    ("params_removed", "removed", ".1%"),
+                    ("file_bytes", "file bytes", ","),
+                    ("perplexity", "ppl", ".2f"),
+                    ("prefill_tok_s", "prefill tok/s", ".0f"),
+                    ("prefill_speedup", "×", ".2f"),
+                    ("decode_tok_s", "decode tok/s", ".1f"),
+                    ("decode_speedup", "×", ".2f"),
+                    ("decode_tok_s_median", "decode median", ".1f"),
+                    ("decode_tok_cpu_s", "decode tok/CPU-s", ".1f"),
+                    ("decode_cpu_speedup", "×", ".2f"),
+                ],
+            )
+        )
         for r in rows:
             for n in r["notes"]:
                 if "requested" in n:
@@ -214,10 +266,22 @@ def main() -> None:
         rows = compact_table(name, loaders[name][0])
         out["compact"] += rows
         print(f"\n### {name}: compact checkpoint (magnitude pruning of every block linear, per row / 2:4)\n")
-        print(_md(rows, [("dtype", "dtype", ""), ("sparsity", "sparsity", ""),
-                         ("dense_file_bytes", "dense bytes", ","), ("compact_file_bytes", "compact bytes", ","),
-                         ("ratio_files", "ratio (files)", ".4f"), ("ratio_pruned_tensors", "ratio (pruned tensors)", ".4f"),
-                         ("bit_exact", "bit-exact", ""), ("pack_s", "pack s", ".2f"), ("unpack_s", "unpack s", ".2f")]))
+        print(
+            _md(
+                rows,
+                [
+                    ("dtype", "dtype", ""),
+                    ("sparsity", "sparsity", ""),
+                    ("dense_file_bytes", "dense bytes", ","),
+                    ("compact_file_bytes", "compact bytes", ","),
+                    ("ratio_files", "ratio (files)", ".4f"),
+                    ("ratio_pruned_tensors", "ratio (pruned tensors)", ".4f"),
+                    ("bit_exact", "bit-exact", ""),
+                    ("pack_s", "pack s", ".2f"),
+                    ("unpack_s", "unpack s", ".2f"),
+                ],
+            )
+        )
     if a.json:
         a.json.write_text(json.dumps(out, indent=2, default=str))
 

@@ -5,6 +5,7 @@ artifacts, all under ./var/demo), creates a tenant and key, uploads an evaluatio
 pruning job over HTTP, streams its progress, downloads every artifact, verifies sha256s, loads the pruned
 model with transformers, checks its sparsity, and prints the metrics.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -37,8 +38,10 @@ def _say(msg: str) -> None:
     print(msg, flush=True)
 
 
-FALLBACK_TEXT = ("Once upon a time there was a little robot who liked to prune trees. It cut the branches "
-                 "that did not grow fruit, and the garden became lighter and faster to walk through. ") * 40
+FALLBACK_TEXT = (
+    "Once upon a time there was a little robot who liked to prune trees. It cut the branches "
+    "that did not grow fruit, and the garden became lighter and faster to walk through. "
+) * 40
 
 
 def _build_fallback_model(dest: Path) -> None:
@@ -53,14 +56,28 @@ def _build_fallback_model(dest: Path) -> None:
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    tok.train_from_iterator([FALLBACK_TEXT], trainers.BpeTrainer(
-        vocab_size=512, special_tokens=["<unk>", "<s>", "</s>"], show_progress=False,
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    tok.train_from_iterator(
+        [FALLBACK_TEXT],
+        trainers.BpeTrainer(
+            vocab_size=512,
+            special_tokens=["<unk>", "<s>", "</s>"],
+            show_progress=False,
+            initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        ),
+    )
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>")
     torch.manual_seed(0)
-    cfg = LlamaConfig(hidden_size=64, intermediate_size=172, num_hidden_layers=5, num_attention_heads=8,
-                      num_key_value_heads=4, vocab_size=len(fast), max_position_embeddings=512,
-                      bos_token_id=1, eos_token_id=2)
+    cfg = LlamaConfig(
+        hidden_size=64,
+        intermediate_size=172,
+        num_hidden_layers=5,
+        num_attention_heads=8,
+        num_key_value_heads=4,
+        vocab_size=len(fast),
+        max_position_embeddings=512,
+        bos_token_id=1,
+        eos_token_id=2,
+    )
     dest.mkdir(parents=True, exist_ok=True)
     LlamaForCausalLM(cfg).save_pretrained(dest)
     fast.save_pretrained(dest)
@@ -72,13 +89,19 @@ def main(model: str | None = None, port: int = 8765, data_dir: str | None = None
     data.mkdir(parents=True, exist_ok=True)
     if not model and not model_dir.is_dir():
         model_dir = data / "models" / "tiny-llama-random"
-        _say(f"[demo] {SHARED / 'assets'} not found: building a small random-init Llama at {model_dir} "
-             "(pass --model DIR_OR_HUB_ID for a real one)")
+        _say(
+            f"[demo] {SHARED / 'assets'} not found: building a small random-init Llama at {model_dir} "
+            "(pass --model DIR_OR_HUB_ID for a real one)"
+        )
         _build_fallback_model(model_dir)
     local = model_dir.is_dir()
     env = {k: v for k, v in os.environ.items() if not k.startswith("SECATEURS_")}
-    env.update(SECATEURS_DATA_DIR=str(data), HF_HUB_OFFLINE=env.get("HF_HUB_OFFLINE", "1" if local else "0"),
-               PYTHONPATH=str(ROOT) + os.pathsep + env.get("PYTHONPATH", ""), TOKENIZERS_PARALLELISM="false")
+    env.update(
+        SECATEURS_DATA_DIR=str(data),
+        HF_HUB_OFFLINE=env.get("HF_HUB_OFFLINE", "1" if local else "0"),
+        PYTHONPATH=str(ROOT) + os.pathsep + env.get("PYTHONPATH", ""),
+        TOKENIZERS_PARALLELISM="false",
+    )
     if local:
         env["SECATEURS_ALLOWED_MODEL_ROOTS"] = str(model_dir.resolve().parent)
     os.environ.update({k: v for k, v in env.items() if k.startswith("SECATEURS_")})
@@ -110,15 +133,54 @@ def main(model: str | None = None, port: int = 8765, data_dir: str | None = None
 
     signal.signal(signal.SIGTERM, _term)
     try:
-        procs.append(subprocess.Popen(
-            [sys.executable, "-m", "celery", "-A", "worker.main", "worker", "--loglevel=INFO", "--pool=prefork",
-             "--concurrency=1", "-Q", settings.queue, "--without-gossip", "--without-mingle", "--without-heartbeat",
-             "--hostname=demo@%h"],
-            cwd=ROOT, env=env, stdout=open(logs / "worker.log", "w"), stderr=subprocess.STDOUT, start_new_session=True))
-        procs.append(subprocess.Popen(
-            [sys.executable, "-m", "uvicorn", "api.app:create_app", "--factory", "--host", "127.0.0.1",
-             "--port", str(port), "--log-level", "warning"],
-            cwd=ROOT, env=env, stdout=open(logs / "api.log", "w"), stderr=subprocess.STDOUT, start_new_session=True))
+        procs.append(
+            subprocess.Popen(
+                [
+                    sys.executable,
+                    "-m",
+                    "celery",
+                    "-A",
+                    "worker.main",
+                    "worker",
+                    "--loglevel=INFO",
+                    "--pool=prefork",
+                    "--concurrency=1",
+                    "-Q",
+                    settings.queue,
+                    "--without-gossip",
+                    "--without-mingle",
+                    "--without-heartbeat",
+                    "--hostname=demo@%h",
+                ],
+                cwd=ROOT,
+                env=env,
+                stdout=open(logs / "worker.log", "w"),
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
+        )
+        procs.append(
+            subprocess.Popen(
+                [
+                    sys.executable,
+                    "-m",
+                    "uvicorn",
+                    "api.app:create_app",
+                    "--factory",
+                    "--host",
+                    "127.0.0.1",
+                    "--port",
+                    str(port),
+                    "--log-level",
+                    "warning",
+                ],
+                cwd=ROOT,
+                env=env,
+                stdout=open(logs / "api.log", "w"),
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
+        )
         _say(f"[demo] api on {base} and a worker started (logs in {logs})")
         h = {"Authorization": f"Bearer {key}"}
         with httpx.Client(base_url=base, headers=h, timeout=60) as c:
@@ -143,15 +205,17 @@ def main(model: str | None = None, port: int = 8765, data_dir: str | None = None
             _say("[demo] worker ready")
             eval_cal = None
             text = SHARED / "assets" / "text" / "wikitext-2-test.txt"
-            sample, fname = ((text.read_text("utf-8")[:60_000], "wikitext2-test-head.txt") if text.is_file()
-                             else (FALLBACK_TEXT, "demo-text.txt"))
+            sample, fname = (
+                (text.read_text("utf-8")[:60_000], "wikitext2-test-head.txt")
+                if text.is_file()
+                else (FALLBACK_TEXT, "demo-text.txt")
+            )
             r = c.post("/v1/calibration-sets", files={"file": (fname, sample.encode())})
             r.raise_for_status()
             eval_cal = r.json()["id"]
             _say(f"[demo] uploaded evaluation text as {eval_cal}")
             cal_text = SHARED / "assets" / "text" / "tinystories-valid.txt"
-            texts = ([cal_text.read_text("utf-8")[:200_000]] if cal_text.is_file()
-                     else [FALLBACK_TEXT])
+            texts = [cal_text.read_text("utf-8")[:200_000]] if cal_text.is_file() else [FALLBACK_TEXT]
             body = {
                 "model": str(model_dir.resolve()) if local else model,
                 "method": "wanda",
@@ -179,7 +243,9 @@ def main(model: str | None = None, port: int = 8765, data_dir: str | None = None
                         if kind == "progress":
                             frac = f" {d['fraction']:.0%}" if d.get("fraction") is not None else ""
                             blk = f" block {d['block'] + 1}/{d['total_blocks']}" if d.get("block") is not None else ""
-                            _say(f"[demo]   {d.get('stage')}{blk}{frac} {'' if blk else d.get('message') or ''}".rstrip())
+                            _say(
+                                f"[demo]   {d.get('stage')}{blk}{frac} {'' if blk else d.get('message') or ''}".rstrip()
+                            )
                         elif kind == "status":
                             _say(f"[demo]   status -> {d['status']}")
             job = c.get(f"/v1/pruning-jobs/{job['id']}").json()
@@ -208,10 +274,18 @@ def main(model: str | None = None, port: int = 8765, data_dir: str | None = None
             _say(f"[demo] transformers loads the pruned model; linear-layer sparsity {sp:.4f} (asked {sparsity})")
             m = job["metrics"]
             ppl = m.get("perplexity") or {}
-            _say("[demo] metrics: " + json.dumps({
-                "achieved_sparsity": round(m.get("achieved_sparsity", 0), 4),
-                "perplexity_dense": ppl.get("dense"), "perplexity_pruned": ppl.get("pruned"),
-                "timings_s": m.get("timings")}, indent=None))
+            _say(
+                "[demo] metrics: "
+                + json.dumps(
+                    {
+                        "achieved_sparsity": round(m.get("achieved_sparsity", 0), 4),
+                        "perplexity_dense": ppl.get("dense"),
+                        "perplexity_pruned": ppl.get("pruned"),
+                        "timings_s": m.get("timings"),
+                    },
+                    indent=None,
+                )
+            )
             return 0 if abs(sp - sparsity) < 0.02 else 1
     finally:
         for p in procs:

@@ -1,6 +1,7 @@
 """The `secateurs prune` flags, derived from PruneConfig's fields and the registered methods' options: a field
 added there (or a method with its own options) is a flag here, with the field's description as help and its
 default shown, without being written again."""
+
 from __future__ import annotations
 
 import inspect
@@ -38,8 +39,13 @@ HISTORICAL_NAMES: dict[FieldPath, str] = {
 
 # A block's fields are flags named `<prefix><field>`; a block that is None by default (evaluation, structure)
 # is built when any of its flags is given.
-BLOCK_PREFIX = {"calibration": "", "evaluation": "eval_", "schedule": "schedule_", "structure": "structure_",
-                "export": ""}
+BLOCK_PREFIX = {
+    "calibration": "",
+    "evaluation": "eval_",
+    "schedule": "schedule_",
+    "structure": "structure_",
+    "export": "",
+}
 MODEL_FIELDS = {"revision", "dtype", "trust_remote_code", "device"}  # how the model is loaded, in a panel of their own
 PANELS = {
     "model": "Model loading",
@@ -87,6 +93,7 @@ def _parse_floats(flag: str) -> Callable[[str], list[float]]:
             return [float(x) for x in s.split(",") if x.strip()]
         except ValueError:
             raise FlagError(f"{flag}: expected comma-separated numbers, got {s!r}") from None
+
     return parse
 
 
@@ -102,6 +109,7 @@ def _parse_pairs(flag: str, metavar: str) -> Callable[[list[str]], dict[str, flo
             except ValueError:
                 raise FlagError(f"{flag}: expected {metavar}, got {it!r}") from None
         return res
+
     return parse
 
 
@@ -118,8 +126,14 @@ def _default_text(field: FieldInfo) -> str:
     return f" [dim]\\[default: {d}][/]"
 
 
-def _flag(param: str, path: FieldPath, field: FieldInfo, panel: str | None, applies_to: str = "",
-          choices: tuple[str, ...] = ()) -> Flag:
+def _flag(
+    param: str,
+    path: FieldPath,
+    field: FieldInfo,
+    panel: str | None,
+    applies_to: str = "",
+    choices: tuple[str, ...] = (),
+) -> Flag:
     inner = _without_none(field.annotation)
     text = field.description or ""
     parse: Callable[[Any], Any] | None = None
@@ -174,16 +188,18 @@ def method_option_flags() -> list[Flag]:
         for opt, field in cls.Options.model_fields.items():
             owners.setdefault(opt, []).append(method_name)
             fields.setdefault(opt, field)
-    return [_flag(opt, (opt,), fields[opt], PANELS["method_options"], f" (for {', '.join(owners[opt])})")
-            for opt in owners]
+    return [
+        _flag(opt, (opt,), fields[opt], PANELS["method_options"], f" (for {', '.join(owners[opt])})") for opt in owners
+    ]
 
 
 def typer_parameter(flag: Flag) -> inspect.Parameter:
     decl = f"{flag.cli_name}/--no-{flag.cli_name[2:]}" if flag.annotation is bool else flag.cli_name
     option = typer.Option(decl, help=flag.help, rich_help_panel=flag.panel, show_default=False, metavar=flag.metavar)
     annotation = flag.annotation | None
-    return inspect.Parameter(flag.param, inspect.Parameter.KEYWORD_ONLY, default=None,
-                             annotation=Annotated[annotation, option])
+    return inspect.Parameter(
+        flag.param, inspect.Parameter.KEYWORD_ONLY, default=None, annotation=Annotated[annotation, option]
+    )
 
 
 def config_input(flags: list[Flag], given: dict[str, Any]) -> dict[str, Any]:

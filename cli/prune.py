@@ -1,5 +1,6 @@
 """`secateurs prune`: one pruning run from the command line, with a progress bar per block and a
 closing table. Bad arguments exit with status 2 and a one-line explanation, before anything is written."""
+
 from __future__ import annotations
 
 import inspect
@@ -76,8 +77,9 @@ def prune(
     from core.pruning.run import prune as run  # heavy imports only once the arguments are valid
 
     hf_logging.disable_progress_bar()
-    with Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
-                  TimeElapsedColumn(), console=err) as bar:
+    with Progress(
+        TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), console=err
+    ) as bar:
         tasks: dict[str, Any] = {}
 
         def on_progress(p: Report) -> None:
@@ -134,8 +136,11 @@ def summary(m: dict[str, Any], where: Path) -> None:
     if m["perplexity"]:
         p = m["perplexity"]
         fmt = lambda x: "n/a" if x is None else f"{x:.4f}"  # noqa: E731
-        t.add_row("perplexity", f"{fmt(p['dense'])} → {fmt(p.get('pruned'))} "
-                                f"({p['protocol']['source']}, {p['protocol']['windows']}×{p['protocol']['seqlen']})")
+        t.add_row(
+            "perplexity",
+            f"{fmt(p['dense'])} → {fmt(p.get('pruned'))} "
+            f"({p['protocol']['source']}, {p['protocol']['windows']}×{p['protocol']['seqlen']})",
+        )
     t.add_row("time", ", ".join(f"{k} {v:.2f}s" for k, v in m["timings"].items()))
     t.add_row("peak RSS", f"{m['memory']['peak_rss_bytes'] / 2**20:.0f} MiB")
     if m["damping_retries"]:

@@ -1,4 +1,5 @@
 """`secateurs service ...`: run and administer the pruning-jobs service."""
+
 from __future__ import annotations
 
 import sys
@@ -78,8 +79,9 @@ def serve_api(
 
     if migrate_first:
         migrate()
-    uvicorn.run("api.app:create_app", factory=True, host=host, port=port, workers=workers, log_level="info",
-                access_log=False)
+    uvicorn.run(
+        "api.app:create_app", factory=True, host=host, port=port, workers=workers, log_level="info", access_log=False
+    )
 
 
 @app.command("worker", context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
@@ -91,8 +93,17 @@ def run_worker(
     """Run a Celery worker (one job per process, fresh child per job). Extra args go to Celery."""
     from worker.main import app as celery_app
 
-    argv = ["worker", f"--loglevel={loglevel}", "--pool=prefork", "--concurrency=1",
-            "-Q", celery_app.conf.task_default_queue, "--without-gossip", "--without-mingle", "--without-heartbeat"]
+    argv = [
+        "worker",
+        f"--loglevel={loglevel}",
+        "--pool=prefork",
+        "--concurrency=1",
+        "-Q",
+        celery_app.conf.task_default_queue,
+        "--without-gossip",
+        "--without-mingle",
+        "--without-heartbeat",
+    ]
     if hostname:
         argv.append(f"--hostname={hostname}")
     celery_app.worker_main(argv + list(ctx.args))
@@ -100,7 +111,9 @@ def run_worker(
 
 @app.command("demo")
 def demo(
-    model: Annotated[str | None, typer.Option(help="model directory or hub id (default: the bundled tiny model)")] = None,
+    model: Annotated[
+        str | None, typer.Option(help="model directory or hub id (default: the bundled tiny model)")
+    ] = None,
     port: int = 8765,
 ) -> None:
     """Start API + worker on the embedded defaults, run one real pruning job over HTTP, verify it."""

@@ -1,4 +1,5 @@
 """`secateurs unpack DIR OUT`: rebuild a dense checkpoint from a compact sparse one."""
+
 from __future__ import annotations
 
 from pathlib import Path

@@ -3,6 +3,7 @@
 A key looks like ``sct_<id>_<secret>``: the id is the public lookup part (also the row's primary key),
 and only HMAC-SHA256(secret_key, full key) is stored. Keys are bound to one tenant.
 """
+
 from __future__ import annotations
 
 import hashlib

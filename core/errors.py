@@ -1,4 +1,5 @@
 """Service-level failures; the API renders each as an RFC 9457 problem."""
+
 from __future__ import annotations
 
 from typing import Any

@@ -1,6 +1,7 @@
 """The mode a plain open() gives a new file. Temporary-file writers (tempfile.mkstemp, safetensors ≥ 0.8 through
 its temp-file-and-rename) create 0600 files whatever the umask, so a pruned model would be unreadable to the
 other users or containers that serve it."""
+
 from __future__ import annotations
 
 import os

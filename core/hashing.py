@@ -1,4 +1,5 @@
 """Whole-file sha256, shared by the export manifest and the artifact storage (no heavy imports)."""
+
 from __future__ import annotations
 
 import hashlib

@@ -5,6 +5,7 @@ artifact directory and a Celery broker that needs no server (kombu's SQLAlchemy 
 all under ``data_dir``. Pointing ``database_url`` at Postgres, ``broker_url`` at Redis and
 ``storage_backend=s3`` at an S3-compatible store runs the same code on real services.
 """
+
 from __future__ import annotations
 
 import functools
@@ -36,7 +37,9 @@ class Settings(BaseSettings):
 
     # broker
     broker_url: str | None = Field(None, description="Celery broker; default sqla+sqlite:///<data_dir>/broker.db")
-    result_backend: str | None = Field(None, description="Celery result backend; default db+sqlite:///<data_dir>/results.db")
+    result_backend: str | None = Field(
+        None, description="Celery result backend; default db+sqlite:///<data_dir>/results.db"
+    )
     queue: str = Field("secateurs", description="Celery queue the prune tasks go to")
 
     # artifacts
@@ -135,8 +138,12 @@ class Settings(BaseSettings):
         return [_abs(p) for p in self.allowed_model_roots]
 
     def ensure_dirs(self) -> None:
-        if (self.db_url.startswith("sqlite") or self.broker.startswith("sqla+sqlite")
-                or self.backend.startswith("db+sqlite") or self.storage_backend == "local"):
+        if (
+            self.db_url.startswith("sqlite")
+            or self.broker.startswith("sqla+sqlite")
+            or self.backend.startswith("db+sqlite")
+            or self.storage_backend == "local"
+        ):
             self.data_path.mkdir(parents=True, exist_ok=True)
         if self.storage_backend == "local":
             self.artifacts_path.mkdir(parents=True, exist_ok=True)

@@ -1,4 +1,5 @@
 """Alembic environment: URL from the service settings unless the caller put one in the config."""
+
 from __future__ import annotations
 
 from logging.config import fileConfig
@@ -28,7 +29,10 @@ def _url() -> str:
 def run_migrations_offline() -> None:
     url = _url()
     context.configure(
-        url=url, target_metadata=target_metadata, literal_binds=True, render_as_batch=url.startswith("sqlite"),
+        url=url,
+        target_metadata=target_metadata,
+        literal_binds=True,
+        render_as_batch=url.startswith("sqlite"),
         compare_type=True,
     )
     with context.begin_transaction():
@@ -40,7 +44,9 @@ def run_migrations_online() -> None:
     engine = create_engine(url, poolclass=pool.NullPool)
     with engine.connect() as connection:
         context.configure(
-            connection=connection, target_metadata=target_metadata, render_as_batch=url.startswith("sqlite"),
+            connection=connection,
+            target_metadata=target_metadata,
+            render_as_batch=url.startswith("sqlite"),
             compare_type=True,
         )
         with context.begin_transaction():

@@ -3,6 +3,7 @@
 Tests that need ../shared, Postgres or Redis skip with a reason when those are absent; with
 SECATEURS_REQUIRE_ALL=1 (set by .ci/run) such a skip becomes a failure, so CI always runs them.
 """
+
 from __future__ import annotations
 
 import os

@@ -4,6 +4,7 @@ Real services only: Postgres (SECATEURS_TEST_POSTGRES_URL, default postgresql+ps
 and Redis (SECATEURS_TEST_REDIS_URL, default redis://127.0.0.1:6379/0). Each test session migrates its own
 throw-away Postgres database with Alembic; every test starts from empty tables.
 """
+
 from __future__ import annotations
 
 import os
@@ -43,8 +44,14 @@ def _pg_admin():  # noqa: ANN202
     import psycopg
 
     u = urlparse(PG_URL.replace("+psycopg", ""))
-    return psycopg.connect(host=u.hostname, port=u.port or 5432, user=u.username or "postgres",
-                           password=u.password, dbname=(u.path or "/test").lstrip("/"), autocommit=True)
+    return psycopg.connect(
+        host=u.hostname,
+        port=u.port or 5432,
+        user=u.username or "postgres",
+        password=u.password,
+        dbname=(u.path or "/test").lstrip("/"),
+        autocommit=True,
+    )
 
 
 def _with_db(url: str, name: str) -> str:
@@ -110,8 +117,15 @@ def service_settings(db_url: str, tmp_path: Path):  # noqa: ANN201
         require(redis_up(), f"Redis not reachable at {REDIS_URL}")
         broker = REDIS_URL
     s = Settings(
-        _env_file=None, env="test", data_dir=tmp_path / "var", database_url=db_url, broker_url=broker,
-        result_backend=None, queue=queue, allowed_model_roots=[tmp_path / "models"], secret_key="test-secret",
+        _env_file=None,
+        env="test",
+        data_dir=tmp_path / "var",
+        database_url=db_url,
+        broker_url=broker,
+        result_backend=None,
+        queue=queue,
+        allowed_model_roots=[tmp_path / "models"],
+        secret_key="test-secret",
         calibration_max_bytes=64 * 1024,
     )
     (tmp_path / "models").mkdir()

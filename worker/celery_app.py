@@ -7,6 +7,7 @@
 - no ETA/countdown tasks (they sit unacked in the worker and break the visibility timeout).
 The database is the source of truth; the task begins with an atomic claim (``core.jobs.execution``).
 """
+
 from __future__ import annotations
 
 from celery import Celery

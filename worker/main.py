@@ -3,6 +3,7 @@
 Besides the prune task, the worker's main process runs the lost-job sweep (``worker.sweep``) in a thread:
 it re-enqueues jobs whose worker died (lease expired) and jobs whose enqueue never happened.
 """
+
 from __future__ import annotations
 
 import logging

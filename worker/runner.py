@@ -3,6 +3,7 @@
 Runs inside the Celery child process (CUDA is touched only here). Every database write is its own short
 transaction; writes are fenced by the attempt number, so a worker that lost its job cannot touch it.
 """
+
 from __future__ import annotations
 
 import json
@@ -66,8 +67,18 @@ def _jsonable(x: Any) -> Any:
     return json.loads(json.dumps(x, default=str))
 
 
-SUMMARY_KEYS = ("achieved_sparsity", "perplexity", "timings", "model", "device", "block_sparsity",
-                "pruned_weights", "damping_retries", "memory", "structure")
+SUMMARY_KEYS = (
+    "achieved_sparsity",
+    "perplexity",
+    "timings",
+    "model",
+    "device",
+    "block_sparsity",
+    "pruned_weights",
+    "damping_retries",
+    "memory",
+    "structure",
+)
 
 
 def summarize(metrics: dict[str, Any]) -> dict[str, Any]:
@@ -90,7 +101,9 @@ def _fetch_set(settings: Settings, storage: Storage, tenant_id: str, ref: str, d
     return path
 
 
-def prepare_config(settings: Settings, storage: Storage, tenant_id: str, raw: dict[str, Any], work: Path) -> PruneConfig:
+def prepare_config(
+    settings: Settings, storage: Storage, tenant_id: str, raw: dict[str, Any], work: Path
+) -> PruneConfig:
     """Turn the stored config into one the engine can run locally (downloads s3:// models and sets)."""
     data = json.loads(json.dumps(raw))
     inputs = work / "inputs"
@@ -165,8 +178,16 @@ def run_job(settings: Settings, tenant_id: str, job_id: str, worker_id: str) -> 
 
     def note(message: str, level: str = "info") -> None:
         with session_scope(url) as sess:
-            ctl.update(execution.report(sess, tenant_id, job_id, attempt, settings.lease_seconds,
-                                        event=("log", {"level": level, "message": message})))
+            ctl.update(
+                execution.report(
+                    sess,
+                    tenant_id,
+                    job_id,
+                    attempt,
+                    settings.lease_seconds,
+                    event=("log", {"level": level, "message": message}),
+                )
+            )
 
     def on_progress(p: Any) -> None:
         frac = p.fraction
@@ -174,14 +195,23 @@ def run_job(settings: Settings, tenant_id: str, job_id: str, worker_id: str) -> 
         if frac:
             elapsed = time.monotonic() - t0
             eta = round(elapsed / frac * (1 - frac), 1)
-        prog = {"stage": p.stage, "message": p.message or None, "block": p.block, "total_blocks": p.total_blocks,
-                "fraction": frac, "eta_seconds": eta}
+        prog = {
+            "stage": p.stage,
+            "message": p.message or None,
+            "block": p.block,
+            "total_blocks": p.total_blocks,
+            "fraction": frac,
+            "eta_seconds": eta,
+        }
         data = {k: v for k, v in prog.items() if v is not None}
         if getattr(p, "data", None):
             data["data"] = _jsonable(p.data)
         with session_scope(url) as sess:
-            ctl.update(execution.report(sess, tenant_id, job_id, attempt, settings.lease_seconds,
-                                        progress=prog, event=("progress", data)))
+            ctl.update(
+                execution.report(
+                    sess, tenant_id, job_id, attempt, settings.lease_seconds, progress=prog, event=("progress", data)
+                )
+            )
 
     def should_stop() -> bool:
         return ctl.stop
@@ -204,14 +234,30 @@ def run_job(settings: Settings, tenant_id: str, job_id: str, worker_id: str) -> 
                 info = storage.put_file(keys.artifact(tenant_id, job_id, attempt, f.name), out_dir / f.name)
                 if getattr(f, "sha256", None) and f.sha256 != info.sha256:
                     raise StorageError(f"sha256 of {f.name} changed during upload")
-                arts.append(Artifact(tenant_id=tenant_id, job_id=job_id, attempt=attempt, name=f.name,
-                                     kind=str(getattr(f, "kind", "file")), size=info.size, sha256=info.sha256,
-                                     storage_key=info.key))
+                arts.append(
+                    Artifact(
+                        tenant_id=tenant_id,
+                        job_id=job_id,
+                        attempt=attempt,
+                        name=f.name,
+                        kind=str(getattr(f, "kind", "file")),
+                        size=info.size,
+                        sha256=info.sha256,
+                        storage_key=info.key,
+                    )
+                )
                 if ctl.lost:
                     raise JobLost()
             with session_scope(url) as sess:
-                status = execution.finish(sess, tenant_id, job_id, attempt, outcome="succeeded", artifacts=arts,
-                                          metrics=summarize(result.metrics))
+                status = execution.finish(
+                    sess,
+                    tenant_id,
+                    job_id,
+                    attempt,
+                    outcome="succeeded",
+                    artifacts=arts,
+                    metrics=summarize(result.metrics),
+                )
             if status != "succeeded":
                 storage.delete_prefix(prefix)
             log.info("job %s: attempt %d -> %s", job_id, attempt, status)

@@ -1,4 +1,5 @@
 """Find jobs whose worker died (lease expired) or whose enqueue never happened, and hand them on."""
+
 from __future__ import annotations
 
 import logging

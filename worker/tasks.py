@@ -1,4 +1,5 @@
 """The prune task. It holds no logic of its own: see ``worker.runner.run_job``."""
+
 from __future__ import annotations
 
 import os

@@ -1,4 +1,5 @@
 """/healthz (process), /readyz (database, broker, storage), /metrics (Prometheus)."""
+
 from __future__ import annotations
 
 from fastapi import APIRouter, Request, Response
@@ -16,7 +17,12 @@ def healthz() -> Health:
     return Health(status="ok")
 
 
-@router.get("/readyz", response_model=Ready, summary="Readiness: database, broker and storage reachable", responses=error_responses(503))
+@router.get(
+    "/readyz",
+    response_model=Ready,
+    summary="Readiness: database, broker and storage reachable",
+    responses=error_responses(503),
+)
 def readyz(request: Request) -> Ready | Response:
     st = request.app.state
     checks: dict[str, str] = {}
@@ -38,12 +44,21 @@ def readyz(request: Request) -> Ready | Response:
         checks["storage"] = f"error: {e.__class__.__name__}"
     bad = {k: v for k, v in checks.items() if v != "ok"}
     if bad:
-        return problem(503, "Service Unavailable", "; ".join(f"{k}: {v}" for k, v in bad.items()),
-                       instance="/readyz", code="not_ready")
+        return problem(
+            503,
+            "Service Unavailable",
+            "; ".join(f"{k}: {v}" for k, v in bad.items()),
+            instance="/readyz",
+            code="not_ready",
+        )
     return Ready(status="ok", checks=checks)
 
 
-@router.get("/metrics", summary="Prometheus metrics", response_class=Response,
-            responses={200: {"content": {CONTENT_TYPE_LATEST: {}}}})
+@router.get(
+    "/metrics",
+    summary="Prometheus metrics",
+    response_class=Response,
+    responses={200: {"content": {CONTENT_TYPE_LATEST: {}}}},
+)
 def metrics(request: Request) -> Response:
     return Response(generate_latest(request.app.state.registry), media_type=CONTENT_TYPE_LATEST)

@@ -1,4 +1,5 @@
 """/v1/pruning-jobs: thin handlers around core.jobs.service."""
+
 from __future__ import annotations
 
 import asyncio
@@ -53,10 +54,14 @@ def _etag_of(model: BaseModel) -> str:
     response_model=JobOut,
     summary="Create a pruning job",
     responses={
-        201: {"description": "Created; `Location` points at the job. A repeat with the same Idempotency-Key and "
-                             "body returns the stored response with `Idempotent-Replayed: true`.",
-              "headers": {"Location": {"schema": {"type": "string"}},
-                          "Idempotent-Replayed": {"schema": {"type": "string"}, "description": "set on replays"}}},
+        201: {
+            "description": "Created; `Location` points at the job. A repeat with the same Idempotency-Key and "
+            "body returns the stored response with `Idempotent-Replayed: true`.",
+            "headers": {
+                "Location": {"schema": {"type": "string"}},
+                "Idempotent-Replayed": {"schema": {"type": "string"}, "description": "set on replays"},
+            },
+        },
         **error_responses(400, 401, 409, 422),
     },
 )
@@ -67,15 +72,39 @@ def create_job(
     session: SessionDep,
     settings: SettingsDep,
     queue: QueueDep,
-    body: Annotated[JobCreate, Body(openapi_examples={
-        "wanda-50": {"summary": "Wanda, 50% unstructured", "value": {
-            "model": "meta-llama/Llama-3.2-1B", "method": "wanda", "sparsity": 0.5,
-            "calibration": {"source": "c4", "nsamples": 128, "seqlen": 2048}, "metadata": {"team": "search"}}},
-        "sparsegpt-24": {"summary": "SparseGPT, 2:4, uploaded calibration set", "value": {
-            "model": "s3://models/llama-3.2-1b/", "method": "sparsegpt", "pattern": "2:4",
-            "calibration": {"calibration_set_id": "cal_0191c5f0a3b2c1d2e3f4a5b6c7", "nsamples": 64, "seqlen": 1024}}},
-    })],
-    idempotency_key: Annotated[str | None, Header(alias="Idempotency-Key", description="same key + same body returns the stored response")] = None,
+    body: Annotated[
+        JobCreate,
+        Body(
+            openapi_examples={
+                "wanda-50": {
+                    "summary": "Wanda, 50% unstructured",
+                    "value": {
+                        "model": "meta-llama/Llama-3.2-1B",
+                        "method": "wanda",
+                        "sparsity": 0.5,
+                        "calibration": {"source": "c4", "nsamples": 128, "seqlen": 2048},
+                        "metadata": {"team": "search"},
+                    },
+                },
+                "sparsegpt-24": {
+                    "summary": "SparseGPT, 2:4, uploaded calibration set",
+                    "value": {
+                        "model": "s3://models/llama-3.2-1b/",
+                        "method": "sparsegpt",
+                        "pattern": "2:4",
+                        "calibration": {
+                            "calibration_set_id": "cal_0191c5f0a3b2c1d2e3f4a5b6c7",
+                            "nsamples": 64,
+                            "seqlen": 1024,
+                        },
+                    },
+                },
+            }
+        ),
+    ],
+    idempotency_key: Annotated[
+        str | None, Header(alias="Idempotency-Key", description="same key + same body returns the stored response")
+    ] = None,
 ) -> JobOut:
     base = _base(request)
 
@@ -108,8 +137,9 @@ def list_jobs(
     jobs, has_more = svc.list(statuses=statuses, after=after, limit=limit)
     base = _base(request)
     data = [job_out(j, base) for j in jobs]
-    return JobList(data=data, has_more=has_more, first_id=data[0].id if data else None,
-                   last_id=data[-1].id if data else None)
+    return JobList(
+        data=data, has_more=has_more, first_id=data[0].id if data else None, last_id=data[-1].id if data else None
+    )
 
 
 @router.get(
@@ -135,19 +165,33 @@ def get_job(
     return out
 
 
-@router.post("/{job_id}/cancel", response_model=JobOut, summary="Cancel a pruning job",
-             description="queued -> cancelled at once; running -> cancelling, then cancelled between blocks. "
-                         "Idempotent; 409 once the job succeeded or failed.",
-             responses=error_responses(401, 404, 409, 422))
-def cancel_job(request: Request, response: Response, job_id: JobId, principal: PrincipalDep, session: SessionDep,
-               settings: SettingsDep) -> JobOut:
+@router.post(
+    "/{job_id}/cancel",
+    response_model=JobOut,
+    summary="Cancel a pruning job",
+    description="queued -> cancelled at once; running -> cancelling, then cancelled between blocks. "
+    "Idempotent; 409 once the job succeeded or failed.",
+    responses=error_responses(401, 404, 409, 422),
+)
+def cancel_job(
+    request: Request,
+    response: Response,
+    job_id: JobId,
+    principal: PrincipalDep,
+    session: SessionDep,
+    settings: SettingsDep,
+) -> JobOut:
     out = job_out(JobService(session, principal.tenant_id, settings).cancel(job_id), _base(request))
     response.headers["ETag"] = _etag_of(out)
     return out
 
 
-@router.get("/{job_id}/events", response_model=EventList, summary="List a job's events",
-            responses=error_responses(401, 404, 422))
+@router.get(
+    "/{job_id}/events",
+    response_model=EventList,
+    summary="List a job's events",
+    responses=error_responses(401, 404, 422),
+)
 def list_events(
     job_id: JobId,
     principal: PrincipalDep,
@@ -166,9 +210,15 @@ def list_events(
     dependencies=[Depends(bearer_scheme)],
     summary="Stream a job's events (Server-Sent Events)",
     description="Each event's `id:` is its sequence number; reconnect with `Last-Event-ID` to resume. "
-                "The stream closes after the job's terminal status event.",
-    responses={200: {"content": {"text/event-stream": {"example": 'id: 3\nevent: progress\ndata: {"stage": "prune", "block": 0}\n\n'}}},
-               **error_responses(401, 404, 422)},
+    "The stream closes after the job's terminal status event.",
+    responses={
+        200: {
+            "content": {
+                "text/event-stream": {"example": 'id: 3\nevent: progress\ndata: {"stage": "prune", "block": 0}\n\n'}
+            }
+        },
+        **error_responses(401, 404, 422),
+    },
 )
 async def stream_events(
     request: Request,
@@ -226,14 +276,20 @@ async def stream_events(
                 idle = 0.0
                 yield ": keep-alive\n\n"
 
-    return StreamingResponse(gen(), media_type="text/event-stream",
-                             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+    return StreamingResponse(
+        gen(), media_type="text/event-stream", headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+    )
 
 
-@router.get("/{job_id}/artifacts", response_model=ArtifactList, summary="List a job's published artifacts",
-            responses=error_responses(401, 404, 422))
-def list_artifacts(request: Request, job_id: JobId, principal: PrincipalDep, session: SessionDep,
-                   settings: SettingsDep) -> ArtifactList:
+@router.get(
+    "/{job_id}/artifacts",
+    response_model=ArtifactList,
+    summary="List a job's published artifacts",
+    responses=error_responses(401, 404, 422),
+)
+def list_artifacts(
+    request: Request, job_id: JobId, principal: PrincipalDep, session: SessionDep, settings: SettingsDep
+) -> ArtifactList:
     arts = JobService(session, principal.tenant_id, settings).artifacts(job_id)
     base = _base(request)
     return ArtifactList(data=[artifact_out(a, base) for a in arts])
@@ -244,11 +300,20 @@ def list_artifacts(request: Request, job_id: JobId, principal: PrincipalDep, ses
     summary="Download an artifact",
     description="Local storage: streamed, with HTTP Range support. S3: 307 to a short-lived presigned URL.",
     response_class=Response,
-    responses={200: {"content": {"application/octet-stream": {}}}, 206: {"description": "Partial content"},
-               **error_responses(307, 401, 404, 416, 422)},
+    responses={
+        200: {"content": {"application/octet-stream": {}}},
+        206: {"description": "Partial content"},
+        **error_responses(307, 401, 404, 416, 422),
+    },
 )
-def download_artifact(request: Request, job_id: JobId, name: ArtifactName, principal: PrincipalDep, session: SessionDep,
-                      settings: SettingsDep) -> Response:
+def download_artifact(
+    request: Request,
+    job_id: JobId,
+    name: ArtifactName,
+    principal: PrincipalDep,
+    session: SessionDep,
+    settings: SettingsDep,
+) -> Response:
     art = JobService(session, principal.tenant_id, settings).artifact(job_id, name)
     storage = request.app.state.storage
     filename = name.rsplit("/", 1)[-1]
@@ -258,5 +323,9 @@ def download_artifact(request: Request, job_id: JobId, name: ArtifactName, princ
     path = storage.local_path(art.storage_key)
     if path is None:
         raise ServiceError("artifact is recorded but its file is missing")
-    return FileResponse(path, filename=filename, media_type="application/octet-stream",
-                        headers={"ETag": f'"{art.sha256}"', "X-Checksum-SHA256": art.sha256})
+    return FileResponse(
+        path,
+        filename=filename,
+        media_type="application/octet-stream",
+        headers={"ETag": f'"{art.sha256}"', "X-Checksum-SHA256": art.sha256},
+    )

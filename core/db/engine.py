@@ -1,4 +1,5 @@
 """Engine and session factory, one engine per process and URL (recreated after fork), and the unit of work."""
+
 from __future__ import annotations
 
 import contextlib

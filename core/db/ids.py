@@ -1,4 +1,5 @@
 """Prefixed, time-ordered identifiers: sorting ids sorts by creation (newest first = id descending)."""
+
 from __future__ import annotations
 
 import secrets

@@ -1,4 +1,5 @@
 """Run Alembic programmatically (CLI, tests, demo)."""
+
 from __future__ import annotations
 
 from pathlib import Path

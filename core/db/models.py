@@ -1,4 +1,5 @@
 """Tables. The schema is created only by Alembic migrations (``migrations/``)."""
+
 from __future__ import annotations
 
 from datetime import UTC, datetime

@@ -3,6 +3,7 @@
 ``SystemRepository`` is the one deliberate exception: cross-tenant maintenance (the lost-job sweep,
 Prometheus gauges) and API-key lookup during authentication, which happens before a tenant is known.
 """
+
 from __future__ import annotations
 
 import builtins
@@ -104,9 +105,7 @@ class CalibrationSetRepository(TenantScoped):
 
 class IdempotencyRepository(TenantScoped):
     def get(self, key: str, *, lock: bool = False) -> IdempotencyRecord | None:
-        q = select(IdempotencyRecord).where(
-            IdempotencyRecord.tenant_id == self.tenant_id, IdempotencyRecord.key == key
-        )
+        q = select(IdempotencyRecord).where(IdempotencyRecord.tenant_id == self.tenant_id, IdempotencyRecord.key == key)
         if lock:
             q = q.with_for_update()
         return self.session.scalars(q.execution_options(populate_existing=True)).first()

@@ -1,5 +1,6 @@
 """Uploaded calibration sets: .txt (one document per blank-line-separated paragraph, or the whole file)
 or .jsonl (one object per line with a string ``text`` field, or a JSON string per line)."""
+
 from __future__ import annotations
 
 import builtins
@@ -74,8 +75,14 @@ class CalibrationSetService:
             self.storage.put_file(key, tmp)
         return self.repo.add(
             CalibrationSet(
-                id=set_id, tenant_id=self.tenant_id, filename=name, format=fmt, size=size,
-                sha256=h.hexdigest(), records=records, storage_key=key,
+                id=set_id,
+                tenant_id=self.tenant_id,
+                filename=name,
+                format=fmt,
+                size=size,
+                sha256=h.hexdigest(),
+                records=records,
+                storage_key=key,
             )
         )
 

@@ -1,6 +1,7 @@
 """The job queue on Celery, as a publisher: the broker settings shared by the API and the workers, and
 ``CeleryQueue``. It sends the prune task by name, so publishing imports nothing from ``worker/``; the
 worker's own settings (acks, prefetch, time limits) are in ``worker.celery_app``."""
+
 from __future__ import annotations
 
 from celery import Celery

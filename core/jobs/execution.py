@@ -3,6 +3,7 @@
 Every function takes a session and leaves the commit to the caller (the task boundary). Writes from a
 worker are fenced by ``attempt``: a worker that lost its job (lease expired, job handed on) cannot touch it.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass

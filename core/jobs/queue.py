@@ -4,6 +4,7 @@ A job is published only after the transaction that queued it has committed (a wo
 and ``enqueued_at`` is set once the broker took the message. A publish that fails, or never happens because
 the process died, leaves ``enqueued_at`` empty and the worker's sweep publishes the job again.
 """
+
 from __future__ import annotations
 
 import logging

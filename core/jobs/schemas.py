@@ -1,4 +1,5 @@
 """The body of ``POST /v1/pruning-jobs``: PruneConfig's own fields and validators, plus API-only rules."""
+
 from __future__ import annotations
 
 import re

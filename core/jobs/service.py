@@ -3,6 +3,7 @@ get, list, cancel, events, artifacts.
 
 Services never commit: the caller (request or task) owns the transaction boundary.
 """
+
 from __future__ import annotations
 
 import builtins
@@ -130,7 +131,8 @@ class JobService:
             first = problems[0]
             raise InvalidInput(
                 f"{first.field}: {first.message}",
-                errors=[{"loc": ["body", *p.field.split(".")], "msg": p.message, "type": p.code} for p in problems])
+                errors=[{"loc": ["body", *p.field.split(".")], "msg": p.message, "type": p.code} for p in problems],
+            )
         return config
 
     def _text_source(self, block: Any, where: str, default: str) -> str:
@@ -192,14 +194,20 @@ class JobService:
         completed, younger than ``idempotency_lock_seconds``) -> 409.
         """
         if not 1 <= len(key) <= 255:
-            raise InvalidInput("Idempotency-Key must be 1-255 characters",
-                               errors=[{"loc": ["header", "Idempotency-Key"], "msg": "must be 1-255 characters", "type": "value_error"}])
+            raise InvalidInput(
+                "Idempotency-Key must be 1-255 characters",
+                errors=[
+                    {"loc": ["header", "Idempotency-Key"], "msg": "must be 1-255 characters", "type": "value_error"}
+                ],
+            )
         now = utcnow()
         rec = self.idem.get(key, lock=True)
         if rec is None:
             try:
                 with self.session.begin_nested():
-                    self.idem.add(IdempotencyRecord(tenant_id=self.tenant_id, key=key, request_hash=req_hash, locked_at=now))
+                    self.idem.add(
+                        IdempotencyRecord(tenant_id=self.tenant_id, key=key, request_hash=req_hash, locked_at=now)
+                    )
                 return None
             except IntegrityError:
                 rec = self.idem.get(key, lock=True)
@@ -208,13 +216,23 @@ class JobService:
         if rec.request_hash != req_hash:
             raise InvalidInput(
                 "Idempotency-Key was already used with a different request body",
-                errors=[{"loc": ["header", "Idempotency-Key"], "msg": "reused with a different body", "type": "idempotency_mismatch"}],
+                errors=[
+                    {
+                        "loc": ["header", "Idempotency-Key"],
+                        "msg": "reused with a different body",
+                        "type": "idempotency_mismatch",
+                    }
+                ],
                 code="idempotency_key_reused",
             )
         if rec.response_status is None:
-            stale = rec.locked_at is None or rec.locked_at < now - timedelta(seconds=self.settings.idempotency_lock_seconds)
+            stale = rec.locked_at is None or rec.locked_at < now - timedelta(
+                seconds=self.settings.idempotency_lock_seconds
+            )
             if not stale:
-                raise Conflict("a request with this Idempotency-Key is still being processed", code="idempotency_in_progress")
+                raise Conflict(
+                    "a request with this Idempotency-Key is still being processed", code="idempotency_in_progress"
+                )
             rec.locked_at = now
             return None
         return StoredResponse(rec.response_status, rec.response_body or {}, dict(rec.response_headers or {}))
@@ -236,8 +254,10 @@ class JobService:
         if statuses:
             bad = [s for s in statuses if s not in JobStatus.__members__]
             if bad:
-                raise InvalidInput(f"unknown status {bad[0]!r}",
-                                   errors=[{"loc": ["query", "status"], "msg": f"unknown status {bad[0]!r}", "type": "enum"}])
+                raise InvalidInput(
+                    f"unknown status {bad[0]!r}",
+                    errors=[{"loc": ["query", "status"], "msg": f"unknown status {bad[0]!r}", "type": "enum"}],
+                )
         return self.jobs.list(statuses=statuses, after=after, limit=limit)
 
     def events(self, job_id: str, *, after: int, limit: int) -> tuple[builtins.list[JobEvent], bool]:

@@ -4,6 +4,7 @@ A transition stamps the job and then runs the after-transition policies in the c
 what follows from a status change (its ``status`` event today, a webhook outbox row later) is written
 atomically with it, and no call site writes it by hand.
 """
+
 from __future__ import annotations
 
 from collections.abc import Callable

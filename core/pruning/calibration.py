@@ -1,4 +1,5 @@
 """Calibration windows: `nsamples` fixed-length token windows (no padding) drawn with a seeded generator."""
+
 from __future__ import annotations
 
 import os
@@ -27,8 +28,12 @@ def build(cfg: CalibrationConfig, tokenizer: Any, max_positions: int | None) -> 
     seqlen = min(cfg.seqlen, max_positions) if max_positions else cfg.seqlen
     protocol: dict[str, Any] = {
         "source": "inline" if cfg.texts is not None else cfg.source,
-        "nsamples": cfg.nsamples, "seqlen": seqlen, "seqlen_requested": cfg.seqlen, "seed": cfg.seed,
-        "sampling": "random windows of one joined, once-tokenised text", "padding": False,
+        "nsamples": cfg.nsamples,
+        "seqlen": seqlen,
+        "seqlen_requested": cfg.seqlen,
+        "seed": cfg.seed,
+        "sampling": "random windows of one joined, once-tokenised text",
+        "padding": False,
     }
     gen = torch.Generator().manual_seed(cfg.seed)
     if cfg.texts is not None:
@@ -45,16 +50,20 @@ def build(cfg: CalibrationConfig, tokenizer: Any, max_positions: int | None) -> 
     path = Path(src).expanduser()
     if not path.is_file():
         raise CalibrationError(
-            f"calibration source {src!r} is neither a named set ({', '.join(NAMED_SETS)}) nor an existing file")
+            f"calibration source {src!r} is neither a named set ({', '.join(NAMED_SETS)}) nor an existing file"
+        )
     protocol["source"] = str(path)
     if path.suffix in TOKEN_FILES:
         ids = _load_token_ids(path)
         if ids.dim() == 2:  # pre-tokenised windows are used exactly as given, for like-for-like comparisons
             if ids.shape[1] < seqlen:
                 raise CalibrationError(
-                    f"{path.name} holds windows of {ids.shape[1]} tokens, fewer than seqlen {seqlen}")
-            protocol.update(sampling="pre-tokenised windows used as given (first nsamples rows, first seqlen tokens)",
-                            nsamples=min(cfg.nsamples, ids.shape[0]))
+                    f"{path.name} holds windows of {ids.shape[1]} tokens, fewer than seqlen {seqlen}"
+                )
+            protocol.update(
+                sampling="pre-tokenised windows used as given (first nsamples rows, first seqlen tokens)",
+                nsamples=min(cfg.nsamples, ids.shape[0]),
+            )
             return Calibration(ids[: cfg.nsamples, :seqlen].contiguous(), protocol)
         protocol["sampling"] = "random windows of a pre-tokenised id sequence"
         return Calibration(_windows(ids, cfg.nsamples, seqlen, gen, path.name), protocol)
@@ -74,8 +83,11 @@ def read_texts(path: Path) -> list[str]:
 
 def _load_token_ids(path: Path) -> torch.Tensor:
     try:
-        t = torch.load(path, map_location="cpu", weights_only=True) if path.suffix == ".pt" \
+        t = (
+            torch.load(path, map_location="cpu", weights_only=True)
+            if path.suffix == ".pt"
             else torch.from_numpy(np.load(path, allow_pickle=False))
+        )
     except Exception as e:  # noqa: BLE001 - any unreadable file is the user's input error
         raise CalibrationError(f"cannot read token ids from {path.name}: {e}") from e
     if not isinstance(t, torch.Tensor) or t.dim() not in (1, 2) or t.is_floating_point() or t.is_complex():
@@ -91,7 +103,8 @@ def _tokenize(text: str, tokenizer: Any) -> torch.Tensor:
 def _windows(ids: torch.Tensor, n: int, seqlen: int, gen: torch.Generator, what: str) -> torch.Tensor:
     if ids.numel() <= seqlen:
         raise CalibrationError(
-            f"{what} gives {ids.numel()} tokens, not more than seqlen={seqlen}: add text or lower seqlen")
+            f"{what} gives {ids.numel()} tokens, not more than seqlen={seqlen}: add text or lower seqlen"
+        )
     starts = torch.randint(0, ids.numel() - seqlen, (n,), generator=gen)
     return torch.stack([ids[s : s + seqlen] for s in starts.tolist()])
 
@@ -115,8 +128,15 @@ def _c4_windows(docs: list[str], tokenizer: Any, n: int, seqlen: int, gen: torch
 _HUB = {
     "wikitext2": (("wikitext", "wikitext-2-raw-v1"), {}),
     "ptb": (("ptb_text_only", "penn_treebank"), {}),
-    "c4": (("allenai/c4",), {"data_files": {"train": "en/c4-train.00000-of-01024.json.gz",
-                                            "validation": "en/c4-validation.00000-of-00008.json.gz"}}),
+    "c4": (
+        ("allenai/c4",),
+        {
+            "data_files": {
+                "train": "en/c4-train.00000-of-01024.json.gz",
+                "validation": "en/c4-validation.00000-of-00008.json.gz",
+            }
+        },
+    ),
 }
 _FIELD = {"wikitext2": "text", "ptb": "sentence", "c4": "text"}
 

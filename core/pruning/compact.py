@@ -26,6 +26,7 @@ element of e bytes and density d, before the values' exponent bytes are compress
 d·e + 1/8, 2:4 e/2 + 1/8; at 50% in fp16 that is 0.5625× for the pruned tensors, and compressing the exponent
 byte takes trained or random weights to about 0.44-0.47× (bf16: 0.38-0.40×).
 """
+
 from __future__ import annotations
 
 import json
@@ -49,9 +50,21 @@ READABLE_VERSIONS = (1, 2)
 ZSTD_LEVEL = 3  # ~150-200 MB/s per core, within 0.1-0.3 bit/value of the exponent byte's entropy
 META = "compact.json"
 _INT = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}  # bit views by element size
-_DTYPES = {str(d).removeprefix("torch."): d for d in
-           (torch.float64, torch.float32, torch.float16, torch.bfloat16, torch.int64, torch.int32, torch.int16,
-            torch.int8, torch.uint8, torch.bool)}
+_DTYPES = {
+    str(d).removeprefix("torch."): d
+    for d in (
+        torch.float64,
+        torch.float32,
+        torch.float16,
+        torch.bfloat16,
+        torch.int64,
+        torch.int32,
+        torch.int16,
+        torch.int8,
+        torch.uint8,
+        torch.bool,
+    )
+}
 for _n in ("float8_e4m3fn", "float8_e5m2"):
     if hasattr(torch, _n):
         _DTYPES[_n] = getattr(torch, _n)
@@ -60,6 +73,7 @@ Source = str | Path | Mapping[str, torch.Tensor] | nn.Module
 
 
 # ---------------------------------------------------------------------------------------- bit helpers
+
 
 def _bits(t: torch.Tensor) -> torch.Tensor:
     """Integer view with the same bits, so that `!= 0` is a bitwise test."""
@@ -79,6 +93,7 @@ def _unpack_2bit(b: torch.Tensor, n: int) -> torch.Tensor:
 
 # -------------------------------------------------------------------------------------------- values
 
+
 def _values_codec(t: torch.Tensor) -> str:
     return "planes-zstd" if t.element_size() in (2, 4) else "raw"
 
@@ -90,12 +105,15 @@ def _pack_values(name: str, v: torch.Tensor, codec: str) -> dict[str, torch.Tens
     e = v.element_size()
     planes = v.contiguous().view(torch.uint8).view(-1, e)  # little-endian: the last byte holds sign + exponent
     hi = zstandard.ZstdCompressor(level=ZSTD_LEVEL).compress(planes[:, e - 1].contiguous().numpy().tobytes())
-    return {f"{name}.values.hi": torch.frombuffer(bytearray(hi), dtype=torch.uint8),
-            f"{name}.values.lo": planes[:, : e - 1].t().contiguous().reshape(-1)}
+    return {
+        f"{name}.values.hi": torch.frombuffer(bytearray(hi), dtype=torch.uint8),
+        f"{name}.values.lo": planes[:, : e - 1].t().contiguous().reshape(-1),
+    }
 
 
-def _unpack_values(name: str, codec: str, dtype: torch.dtype, n: int,
-                   get: Callable[[str], torch.Tensor]) -> torch.Tensor:
+def _unpack_values(
+    name: str, codec: str, dtype: torch.dtype, n: int, get: Callable[[str], torch.Tensor]
+) -> torch.Tensor:
     if codec == "raw":
         return get(f"{name}.values").reshape(-1)
     e = torch.empty(0, dtype=dtype).element_size()
@@ -109,6 +127,7 @@ def _unpack_values(name: str, codec: str, dtype: torch.dtype, n: int,
 
 
 # ------------------------------------------------------------------------------------------ encodings
+
 
 def is_24(t: torch.Tensor) -> bool:
     """Every group of 4 consecutive inputs of each row has at most 2 non-zeros (bitwise)."""
@@ -131,8 +150,9 @@ def choose(t: torch.Tensor, allow: tuple[str, ...] = ("2:4", "bitmask")) -> str:
 DENSE_PLANES_MIN = 4096  # smaller dense tensors (norms, biases) are not worth a compressed frame
 
 
-def encode(name: str, t: torch.Tensor, enc: str,
-           compress_dense: bool = True) -> tuple[dict[str, torch.Tensor], str | None]:
+def encode(
+    name: str, t: torch.Tensor, enc: str, compress_dense: bool = True
+) -> tuple[dict[str, torch.Tensor], str | None]:
     """The stored tensors of one tensor, and how its values are stored (None: a dense tensor as it is)."""
     t = t.detach().cpu().contiguous()
     codec = _values_codec(t)
@@ -177,8 +197,14 @@ def decode(name: str, info: dict, get: Callable[[str], torch.Tensor]) -> torch.T
 
 # ------------------------------------------------------------------------------------------- pack
 
-def pack_checkpoint(source: Source, out_dir: str | Path, encodings: tuple[str, ...] = ("2:4", "bitmask"),
-                    only: Callable[[str], bool] | None = None, compress_dense: bool = True) -> dict:
+
+def pack_checkpoint(
+    source: Source,
+    out_dir: str | Path,
+    encodings: tuple[str, ...] = ("2:4", "bitmask"),
+    only: Callable[[str], bool] | None = None,
+    compress_dense: bool = True,
+) -> dict:
     """Write the compact form of a model directory (safetensors), a state dict or a transformers model.
 
     `only(name)` limits which tensors may be stored sparse. `compress_dense` stores dense floating tensors of
@@ -197,9 +223,15 @@ def pack_checkpoint(source: Source, out_dir: str | Path, encodings: tuple[str, .
             parts, codec = encode(name, t, enc, compress_dense)
             stored.update(parts)
             nnz = int((_bits(t) != 0).sum()) if enc != "dense" else None
-            entries[name] = {"encoding": enc, "dtype": str(t.dtype).removeprefix("torch."),
-                             "shape": list(t.shape), "nnz": nnz, "file": shard, "stored_in": f"compact-{shard}",
-                             "stored_bytes": sum(v.numel() * v.element_size() for v in parts.values())}
+            entries[name] = {
+                "encoding": enc,
+                "dtype": str(t.dtype).removeprefix("torch."),
+                "shape": list(t.shape),
+                "nnz": nnz,
+                "file": shard,
+                "stored_in": f"compact-{shard}",
+                "stored_bytes": sum(v.numel() * v.element_size() for v in parts.values()),
+            }
             if codec is not None:
                 entries[name]["values"] = codec
             dense_bytes += t.numel() * t.element_size()
@@ -211,8 +243,11 @@ def pack_checkpoint(source: Source, out_dir: str | Path, encodings: tuple[str, .
         "sparse_tensors": sum(e["encoding"] != "dense" for e in entries.values()),
         "encodings": {k: sum(e["encoding"] == k for e in entries.values()) for k in ("dense", "bitmask", "2:4")},
     }
-    (out / META).write_text(json.dumps({"format": FORMAT, "version": VERSION, "tensors": entries,
-                                        "aliases": aliases, "summary": summary}, indent=1))
+    (out / META).write_text(
+        json.dumps(
+            {"format": FORMAT, "version": VERSION, "tensors": entries, "aliases": aliases, "summary": summary}, indent=1
+        )
+    )
     return summary
 
 
@@ -256,6 +291,7 @@ def _shards(source: Source, out: Path, aliases: dict[str, str]):
 
 
 # ----------------------------------------------------------------------------------------- unpack
+
 
 def read_meta(compact_dir: str | Path) -> dict:
     p = Path(compact_dir) / META
@@ -301,8 +337,10 @@ def unpack(compact_dir: str | Path, out_dir: str | Path) -> Path:
         save_file(sd, str(out / file), metadata={"format": "pt"})
         del sd
     if len(files) > 1:
-        index = {"metadata": {"total_size": total},
-                 "weight_map": {n: e["file"] for n, e in sorted(meta["tensors"].items())}}
+        index = {
+            "metadata": {"total_size": total},
+            "weight_map": {n: e["file"] for n, e in sorted(meta["tensors"].items())},
+        }
         (out / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
     return out
 

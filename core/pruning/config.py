@@ -1,4 +1,5 @@
 """What a pruning run is asked to do: one validated object shared by the CLI, the API and the worker."""
+
 from __future__ import annotations
 
 import re
@@ -34,16 +35,20 @@ def registered_methods() -> dict[str, type[Method]]:
 def _registered(name: str) -> str:
     known = registered_methods()
     if name not in known:
-        raise PydanticCustomError("unknown_method", "unknown method '{name}'; choose one of {known}",
-                                  {"name": name, "known": ", ".join(sorted(known))})
+        raise PydanticCustomError(
+            "unknown_method",
+            "unknown method '{name}'; choose one of {known}",
+            {"name": name, "known": ", ".join(sorted(known))},
+        )
     return name
 
 
 class _RegisteredNamesSchema:
     """Publishes the registered method names as the JSON-schema enum, read when the schema is generated."""
 
-    def __get_pydantic_json_schema__(self, schema: core_schema.CoreSchema,
-                                     handler: GetJsonSchemaHandler) -> JsonSchemaValue:
+    def __get_pydantic_json_schema__(
+        self, schema: core_schema.CoreSchema, handler: GetJsonSchemaHandler
+    ) -> JsonSchemaValue:
         return {**handler(schema), "enum": sorted(registered_methods())}
 
 
@@ -73,10 +78,17 @@ def lift_method_settings(data: dict[str, Any], model_fields: set[str]) -> dict[s
         if method in owners:
             options.setdefault(key, value)
         elif any(known[o].Options.model_fields[key].default != value for o in owners):
-            refused.append(InitErrorDetails(
-                type=PydanticCustomError("foreign_method_option", "a setting of {owners}, not of the chosen method {method}",
-                                         {"owners": " and ".join(owners), "method": method}),
-                loc=(key,), input=value))
+            refused.append(
+                InitErrorDetails(
+                    type=PydanticCustomError(
+                        "foreign_method_option",
+                        "a setting of {owners}, not of the chosen method {method}",
+                        {"owners": " and ".join(owners), "method": method},
+                    ),
+                    loc=(key,),
+                    input=value,
+                )
+            )
     if refused:
         raise ValidationError.from_exception_data("PruneConfig", refused)
     if options:
@@ -163,8 +175,11 @@ class StructureConfig(_Strict):
 class ExportConfig(_Strict):
     save_model: bool = Field(True, description="write the pruned model")
     masks: bool = Field(True, description="write masks.safetensors")
-    compact: bool = Field(False, description="also write the compact sparse checkpoint (non-zero values + "
-                                             "bitmask or 2:4 positions, exponent bytes compressed)")
+    compact: bool = Field(
+        False,
+        description="also write the compact sparse checkpoint (non-zero values + "
+        "bitmask or 2:4 positions, exponent bytes compressed)",
+    )
     max_shard_size: str = Field("2GB", description="largest safetensors shard of the written model")
 
 
@@ -180,14 +195,17 @@ class PruneConfig(_Strict):
 
     method: MethodName = Field("wanda", description="a registered pruning method")
     method_options: dict[str, Any] = Field(
-        default_factory=dict, validate_default=True,
-        description="settings of the chosen method (its `Options`); those not given take the method's defaults")
+        default_factory=dict,
+        validate_default=True,
+        description="settings of the chosen method (its `Options`); those not given take the method's defaults",
+    )
     sparsity: float | None = Field(None, ge=0, lt=1, description="unstructured target in [0, 1)")
     pattern: str | None = Field(None, description="'unstructured' or N:M (at most N non-zeros in every M inputs)")
 
     true_sequential: bool = Field(False, description="prune [q,k,v]→[o]→[gate,up]→[down] in turn")
     propagate: Literal["pruned", "dense"] = Field(
-        "pruned", description="what the next block is calibrated on: pruned (the papers) or dense block outputs")
+        "pruned", description="what the next block is calibrated on: pruned (the papers) or dense block outputs"
+    )
 
     exclude: list[str] = Field(default_factory=list, description="regexes of layer names never pruned")
     overrides: dict[str, float] = Field(default_factory=dict, description="regex of layer name -> sparsity")

@@ -1,5 +1,6 @@
 """The block-wise engine: for each block (walked by core/pruning/walk.py) collect statistics from its linears'
 inputs, prune them, and pass the pruned block's outputs on to the next block."""
+
 from __future__ import annotations
 
 import logging
@@ -76,8 +77,14 @@ class SharedStats:
         return {n: self.stats[self.owner[n]] if n in self.owner else None for n in self.layers}
 
 
-def _collect(method: Method, block: nn.Module, layers: dict[str, nn.Module], inputs: BlockInputs,
-             device: torch.device, keep_outputs: bool) -> tuple[dict[str, Stats | None], list[torch.Tensor] | None]:
+def _collect(
+    method: Method,
+    block: nn.Module,
+    layers: dict[str, nn.Module],
+    inputs: BlockInputs,
+    device: torch.device,
+    keep_outputs: bool,
+) -> tuple[dict[str, Stats | None], list[torch.Tensor] | None]:
     """Statistics of the layers' inputs; with keep_outputs the whole block runs and its outputs come back."""
     collector = SharedStats(method, layers, device)
     outs = None
@@ -89,8 +96,9 @@ def _collect(method: Method, block: nn.Module, layers: dict[str, nn.Module], inp
     return collector.per_layer(), outs
 
 
-def _share_groups(names: list[str], stats: dict[str, Stats | None], targets: dict[str, Target],
-                  alone: bool = False) -> list[list[str]]:
+def _share_groups(
+    names: list[str], stats: dict[str, Stats | None], targets: dict[str, Target], alone: bool = False
+) -> list[list[str]]:
     """Layers pruned in one call: same statistic object and same target (q/k/v, gate/up); others alone.
     With `alone` every layer is its own call (nothing to gain from stacking, and less held at once)."""
     if alone:
@@ -110,20 +118,32 @@ def _weight_to_prune(layer: nn.Module, method: Method, device: torch.device) -> 
     return w.to(device, torch.float32, copy=True, memory_format=torch.contiguous_format)
 
 
-def _write_back(layer: nn.Module, res: Pruned, name: str, t: Target, masks: dict[str, torch.Tensor],
-                shapes: dict[str, list[int]]) -> LayerReport:
+def _write_back(
+    layer: nn.Module, res: Pruned, name: str, t: Target, masks: dict[str, torch.Tensor], shapes: dict[str, list[int]]
+) -> LayerReport:
     """Store the pruned weight in the layer, its packed mask, and report what was achieved."""
     models.set_weight(layer, res.weight)
     stored = res.mask if isinstance(layer, nn.Linear) else res.mask.t()
     masks[f"{name}.weight"], shapes[f"{name}.weight"] = pack_mask(~stored.cpu()), list(stored.shape)
     rows, cols = res.weight.shape
-    return LayerReport(name=name, shape=(rows, cols), target=t.sparsity,
-                       pattern=f"{t.nm[0]}:{t.nm[1]}" if t.nm else None,
-                       sparsity=patterns.sparsity(models.get_weight(layer)), info=res.info)
+    return LayerReport(
+        name=name,
+        shape=(rows, cols),
+        target=t.sparsity,
+        pattern=f"{t.nm[0]}:{t.nm[1]}" if t.nm else None,
+        sparsity=patterns.sparsity(models.get_weight(layer)),
+        info=res.info,
+    )
 
 
-def _targets(block: nn.Module, full_name: str, sparsity: float, nm: tuple[int, int] | None, exclude: list[str],
-             overrides: dict[str, float]) -> dict[str, Target]:
+def _targets(
+    block: nn.Module,
+    full_name: str,
+    sparsity: float,
+    nm: tuple[int, int] | None,
+    exclude: list[str],
+    overrides: dict[str, float],
+) -> dict[str, Target]:
     """What each prunable layer of the block is pruned to; layers excluded or left dense are absent."""
     targets = {}
     for n in models.prunable_layers(block):
@@ -137,11 +157,23 @@ def _targets(block: nn.Module, full_name: str, sparsity: float, nm: tuple[int, i
     return targets
 
 
-def prune_blocks(model: nn.Module, tokens: torch.Tensor, method: Method, *, device: torch.device,
-                 block_sparsity: list[float], nm: tuple[int, int] | None, exclude: list[str],
-                 overrides: dict[str, float], true_sequential: bool = False, propagate: str = "pruned",
-                 batch_size: int = 1, on_progress: ProgressFn = no_progress,
-                 should_stop: StopFn = never_stop, spill_dir: Path | None = None) -> EngineResult:
+def prune_blocks(
+    model: nn.Module,
+    tokens: torch.Tensor,
+    method: Method,
+    *,
+    device: torch.device,
+    block_sparsity: list[float],
+    nm: tuple[int, int] | None,
+    exclude: list[str],
+    overrides: dict[str, float],
+    true_sequential: bool = False,
+    propagate: str = "pruned",
+    batch_size: int = 1,
+    on_progress: ProgressFn = no_progress,
+    should_stop: StopFn = never_stop,
+    spill_dir: Path | None = None,
+) -> EngineResult:
     """With spill_dir, each block's packed masks are written there once the block is done and kept mapped
     from those files rather than in memory (the caller removes the directory after use)."""
     prefix, blocks = models.find_blocks(model)
@@ -180,8 +212,10 @@ def prune_blocks(model: nn.Module, tokens: torch.Tensor, method: Method, *, devi
                 ws = [_weight_to_prune(layers[n], method, device) for n in names]
                 results = method.prune_many(ws, stats[names[0]], targets[names[0]])
                 del ws
-                reports.extend(_write_back(layers[n], r, f"{prefix}.{i}.{n}", targets[n], masks_of_block, shapes)
-                               for n, r in zip(names, results, strict=True))
+                reports.extend(
+                    _write_back(layers[n], r, f"{prefix}.{i}.{n}", targets[n], masks_of_block, shapes)
+                    for n, r in zip(names, results, strict=True)
+                )
                 del results
                 for n in names:  # a statistic (and its factorisation) goes once its last layer is pruned
                     stats[n] = None
@@ -197,9 +231,11 @@ def prune_blocks(model: nn.Module, tokens: torch.Tensor, method: Method, *, devi
         del done_masks
         release_freed_memory()
         done = {r.name: r.sparsity for r in reports if r.name.startswith(f"{prefix}.{i}.")}
-        on_progress(Progress("prune", f"block {i + 1}/{len(blocks)}", block=i, total_blocks=len(blocks),
-                             data={"layers": done}))
+        on_progress(
+            Progress("prune", f"block {i + 1}/{len(blocks)}", block=i, total_blocks=len(blocks), data={"layers": done})
+        )
 
-    walk_blocks(model, tokens, prune_block, device=device, batch_size=batch_size, should_stop=should_stop,
-                after=finish_block)
+    walk_blocks(
+        model, tokens, prune_block, device=device, batch_size=batch_size, should_stop=should_stop, after=finish_block
+    )
     return EngineResult(reports, masks, shapes, skipped)

@@ -1,5 +1,6 @@
 """Perplexity with a pinned protocol: documents joined with "\\n\\n", tokenised once, cut into
 non-overlapping `seqlen` windows (partial tail dropped), token-level mean NLL over all windows, exp."""
+
 from __future__ import annotations
 
 import math
@@ -26,8 +27,14 @@ def eval_tokens(cfg: EvalConfig, tokenizer: Any) -> tuple[torch.Tensor, dict[str
 
 
 @torch.no_grad()
-def perplexity(model: nn.Module, ids: torch.Tensor, seqlen: int, batch_size: int = 8,
-               max_windows: int | None = None, device: torch.device | None = None) -> dict[str, Any]:
+def perplexity(
+    model: nn.Module,
+    ids: torch.Tensor,
+    seqlen: int,
+    batch_size: int = 8,
+    max_windows: int | None = None,
+    device: torch.device | None = None,
+) -> dict[str, Any]:
     n = ids.numel() // seqlen
     if max_windows:
         n = min(n, max_windows)
@@ -39,7 +46,9 @@ def perplexity(model: nn.Module, ids: torch.Tensor, seqlen: int, batch_size: int
     for batch in windows.split(batch_size):
         batch = batch.to(device)
         logits = model(input_ids=batch, use_cache=False).logits
-        for lg, ids_w in zip(logits, batch, strict=True):  # one window at a time: no float copy of the whole batch's logits
+        for lg, ids_w in zip(
+            logits, batch, strict=True
+        ):  # one window at a time: no float copy of the whole batch's logits
             # token t+1 is predicted from tokens ≤ t; the first token of each window is context only
             nll += nn.functional.cross_entropy(lg[:-1].float(), ids_w[1:], reduction="sum").item()
         count += batch[:, 1:].numel()

@@ -5,6 +5,7 @@ product of two such numbers (8-bit significands) is exact in float32. So XᵀX o
 bfloat16 matrix units (AMX, AVX512-BF16) or TF32 tensor cores (10-bit significands, which also hold float16
 values) with float32 accumulation, and differ from a float32 product only in summation order. For any other
 input (a float32 model) nothing changes: its products stay full float32."""
+
 from __future__ import annotations
 
 from collections.abc import Iterator
@@ -40,8 +41,12 @@ def reduced_mode(source: torch.dtype, device: torch.device) -> tuple[Any, str] |
     faster on `device`; None where no such mode exists."""
     if device.type == "cuda" and source in (torch.bfloat16, torch.float16):
         return torch.backends.cuda.matmul, "tf32"
-    if (device.type == "cpu" and source == torch.bfloat16 and torch.backends.mkldnn.is_available()
-            and _cpu_bf16_mode_works()):
+    if (
+        device.type == "cpu"
+        and source == torch.bfloat16
+        and torch.backends.mkldnn.is_available()
+        and _cpu_bf16_mode_works()
+    ):
         return torch.backends.mkldnn.matmul, "bf16"  # type: ignore[attr-defined]
     return None
 

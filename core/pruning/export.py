@@ -1,6 +1,7 @@
 """Write a run's output directory atomically: model + tokenizer (sharded safetensors), packed masks,
 metrics.json and manifest.json (every file with size and sha256). Nothing appears at `out_dir` until
 everything is written."""
+
 from __future__ import annotations
 
 import json
@@ -56,14 +57,25 @@ def kind_of(name: str) -> str:
 
 
 def write_masks(path: Path, masks: dict[str, torch.Tensor], shapes: dict[str, list[int]]) -> None:
-    meta = {"format": "secateurs.masks/1", "bits": "1 = kept, little bit order, row-major in the weight's layout",
-            "shapes": json.dumps(shapes)}
+    meta = {
+        "format": "secateurs.masks/1",
+        "bits": "1 = kept, little bit order, row-major in the weight's layout",
+        "shapes": json.dumps(shapes),
+    }
     save_file({k: v.contiguous() for k, v in masks.items()}, str(path), metadata=meta)
 
 
-def write_output(out_dir: Path, *, model: nn.Module | None, tokenizer: Any, masks: dict[str, torch.Tensor],
-                 mask_shapes: dict[str, list[int]], metrics: dict[str, Any], max_shard_size: str = "2GB",
-                 extra: Callable[[Path], None] | None = None) -> list[FileEntry]:
+def write_output(
+    out_dir: Path,
+    *,
+    model: nn.Module | None,
+    tokenizer: Any,
+    masks: dict[str, torch.Tensor],
+    mask_shapes: dict[str, list[int]],
+    metrics: dict[str, Any],
+    max_shard_size: str = "2GB",
+    extra: Callable[[Path], None] | None = None,
+) -> list[FileEntry]:
     """Write everything into a hidden sibling directory, hash it, then rename it into place."""
     out_dir = Path(out_dir)
     check_out_dir(out_dir)
@@ -82,8 +94,12 @@ def write_output(out_dir: Path, *, model: nn.Module | None, tokenizer: Any, mask
         (tmp / METRICS).write_text(json.dumps(metrics, indent=2, default=_json_default) + "\n")
         written = [p for p in sorted(tmp.rglob("*")) if p.is_file()]
         as_if_opened(*written)
-        files = [FileEntry(p.relative_to(tmp).as_posix(), p.stat().st_size, sha256_file(p),
-                           kind_of(p.relative_to(tmp).as_posix())) for p in written]
+        files = [
+            FileEntry(
+                p.relative_to(tmp).as_posix(), p.stat().st_size, sha256_file(p), kind_of(p.relative_to(tmp).as_posix())
+            )
+            for p in written
+        ]
         manifest = {"format": "secateurs.manifest/1", "files": [asdict(f) for f in files]}
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
         if out_dir.exists():
@@ -92,8 +108,9 @@ def write_output(out_dir: Path, *, model: nn.Module | None, tokenizer: Any, mask
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    return files + [FileEntry(MANIFEST, (out_dir / MANIFEST).stat().st_size, sha256_file(out_dir / MANIFEST),
-                              "manifest")]
+    return files + [
+        FileEntry(MANIFEST, (out_dir / MANIFEST).stat().st_size, sha256_file(out_dir / MANIFEST), "manifest")
+    ]
 
 
 def _json_default(o: Any) -> Any:

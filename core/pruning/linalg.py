@@ -3,6 +3,7 @@ triangle only, and the upper Cholesky factor of the damped inverse Hessian compu
 
 A d×d float32 is 485 MB for a 7B model's down_proj: LAPACK's route (Cholesky, inverse, Cholesky of the inverse)
 needs three of them, a dense XᵀX one more; here one d×d matrix is ever whole, and only while it is factored."""
+
 from __future__ import annotations
 
 import logging
@@ -30,7 +31,8 @@ class UpperGram:
         edges = sorted({round(d * s / GRAM_STRIPES) for s in range(GRAM_STRIPES + 1)})
         self._rows = list(pairwise(edges))
         self._stripes: list[torch.Tensor | None] | None = [
-            torch.zeros(a1 - a0, d - a0, dtype=torch.float32, device=device) for a0, a1 in self._rows]
+            torch.zeros(a1 - a0, d - a0, dtype=torch.float32, device=device) for a0, a1 in self._rows
+        ]
 
     def scale_add(self, x: torch.Tensor, scale: float, alpha: float) -> None:
         """T ← scale·T + alpha·XᵀX, x [tokens, d]."""
@@ -77,8 +79,9 @@ def inverse_hessian_cholesky(H: torch.Tensor, percdamp: float) -> tuple[torch.Te
     return factor_in_place(H.triu(), percdamp)
 
 
-def factor_in_place(T: torch.Tensor, percdamp: float,
-                    block: int | None = None) -> tuple[torch.Tensor, torch.Tensor, float, int]:
+def factor_in_place(
+    T: torch.Tensor, percdamp: float, block: int | None = None
+) -> tuple[torch.Tensor, torch.Tensor, float, int]:
     """The same from T, whose upper triangle holds H (the rest is not read), with no second d×d matrix: U is
     written over T. A d×d float32 is 485 MB for a 7B model's down_proj; LAPACK's route (Cholesky, inverse,
     Cholesky of the inverse) needs three of them.

@@ -1,4 +1,5 @@
 """Masks stored at one bit per weight: 1 = kept, numpy 'little' bit order, row-major in the weight's layout."""
+
 from __future__ import annotations
 
 import numpy as np

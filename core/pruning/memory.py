@@ -1,4 +1,5 @@
 """Handing memory back to the operating system."""
+
 from __future__ import annotations
 
 import bisect

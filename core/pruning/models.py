@@ -1,4 +1,5 @@
 """Loading models and finding, generically, the repeated blocks and the linears inside them we may prune."""
+
 from __future__ import annotations
 
 import re
@@ -50,8 +51,9 @@ def load(model_id: str, dtype: str = "auto", trust_remote_code: bool = False, re
     except (ValueError, KeyError) as e:
         raise InvalidModelError(f"{model_id!r} is not a supported model: {_first_line(e)}") from e
     torch_dtype: torch.dtype | str = DTYPES.get(dtype, "auto")
-    load_kw: dict[str, Any] = dict(kw, low_cpu_mem_usage=True,
-                                   use_safetensors=_has_safetensors(path) if looks_local else None)
+    load_kw: dict[str, Any] = dict(
+        kw, low_cpu_mem_usage=True, use_safetensors=_has_safetensors(path) if looks_local else None
+    )
     load_kw[_dtype_kwarg()] = torch_dtype
     cls, causal = model_class(config, trust_remote_code)
     try:
@@ -95,6 +97,7 @@ def _first_line(e: BaseException) -> str:
 
 
 # ---------------------------------------------------------------------------------------------- blocks
+
 
 def find_blocks(model: nn.Module) -> tuple[str, nn.ModuleList]:
     """The longest ModuleList of same-class modules that contain linears: the model's repeated blocks.
@@ -192,8 +195,13 @@ def max_positions(model: nn.Module) -> int | None:
 def move_outside_blocks(model: nn.Module, blocks: nn.ModuleList, device: torch.device) -> None:
     """Move every parameter and buffer that is not inside a block (embeddings, norms, rotary, head)."""
     inside = {id(t) for t in list(blocks.parameters()) + list(blocks.buffers())}
-    moving = [t for mod in model.modules() for store in (mod._parameters, mod._buffers) for t in store.values()
-              if t is not None and id(t) not in inside and t.device != device]
+    moving = [
+        t
+        for mod in model.modules()
+        for store in (mod._parameters, mod._buffers)
+        for t in store.values()
+        if t is not None and id(t) not in inside and t.device != device
+    ]
     with _letting_go_of_mapped(moving, device):
         for t in moving:
             t.data = t.data.to(device)

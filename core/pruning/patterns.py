@@ -1,4 +1,5 @@
 """Sparsity patterns as boolean masks over a score matrix S [out, in]; True marks a weight to remove."""
+
 from __future__ import annotations
 
 import functools
@@ -18,8 +19,13 @@ def row_chunks(rows: int, cols: int) -> Iterator[slice]:
         yield slice(r0, min(r0 + step, rows))
 
 
-def per_row_mask(score_rows: Callable[[slice], torch.Tensor], shape: torch.Size, device: torch.device,
-                 sparsity: float, nm: tuple[int, int] | None) -> torch.Tensor:
+def per_row_mask(
+    score_rows: Callable[[slice], torch.Tensor],
+    shape: torch.Size,
+    device: torch.device,
+    sparsity: float,
+    nm: tuple[int, int] | None,
+) -> torch.Tensor:
     """The removal mask of a selection in which rows compete only within themselves (N:M, or the lowest
     int(in·p) of each row), from scores made a few rows at a time by score_rows(rows)."""
     mask = torch.empty(shape, dtype=torch.bool, device=device)

@@ -1,6 +1,7 @@
 """Every check of a run's inputs that needs no model: files exist and parse, named sets can be loaded, options
 fit together, the output directory is usable. The CLI, prune() and the job service run it before any loading,
 so a typo costs a second, not a 70B model load."""
+
 from __future__ import annotations
 
 import importlib.util
@@ -40,9 +41,13 @@ class OutputDirPreflightError(PreflightError, FileExistsError):
     """Raised when one of the problems is the output directory: callers have caught FileExistsError for that."""
 
 
-def check(config: PruneConfig, out_dir: Path | str | None = None, *,
-          resolve_upload: Callable[[str], Path | None] | None = None,
-          on_this_machine: bool = True) -> list[Problem]:
+def check(
+    config: PruneConfig,
+    out_dir: Path | str | None = None,
+    *,
+    resolve_upload: Callable[[str], Path | None] | None = None,
+    on_this_machine: bool = True,
+) -> list[Problem]:
     """The problems of `config` (and of `out_dir`, when given), in field order; empty when it can run.
 
     `uploaded:<id>` text sources are checked through `resolve_upload(id)` (the file's local path, or None to
@@ -53,11 +58,23 @@ def check(config: PruneConfig, out_dir: Path | str | None = None, *,
         problems += _model(config.model)
         problems += _device(config.device)
     if config.calibration.texts is None:
-        problems += _text_source("calibration.source", config.calibration.source, "calibration_error",
-                                 resolve_upload, on_this_machine, tokens_allowed=True)
+        problems += _text_source(
+            "calibration.source",
+            config.calibration.source,
+            "calibration_error",
+            resolve_upload,
+            on_this_machine,
+            tokens_allowed=True,
+        )
     if config.evaluation is not None:
-        problems += _text_source("evaluation.source", config.evaluation.source, "evaluation_error",
-                                 resolve_upload, on_this_machine, tokens_allowed=False)
+        problems += _text_source(
+            "evaluation.source",
+            config.evaluation.source,
+            "evaluation_error",
+            resolve_upload,
+            on_this_machine,
+            tokens_allowed=False,
+        )
     problems += _combinations(config, on_this_machine)
     if out_dir is not None:
         problems += out_dir_problems(Path(out_dir))
@@ -89,8 +106,7 @@ def out_dir_problems(out_dir: Path) -> list[Problem]:
     while not ancestor.exists():
         ancestor = ancestor.parent
     if not ancestor.is_dir() or not os.access(ancestor, os.W_OK | os.X_OK):
-        return [Problem(OUT, f"cannot create {out_dir}: {ancestor} is not a writable directory",
-                        "output_not_writable")]
+        return [Problem(OUT, f"cannot create {out_dir}: {ancestor} is not a writable directory", "output_not_writable")]
     return []
 
 
@@ -124,20 +140,33 @@ def _device(name: str) -> list[Problem]:
     return []
 
 
-def _text_source(field: str, source: str, code: str, resolve_upload: Callable[[str], Path | None] | None,
-                 on_this_machine: bool, tokens_allowed: bool) -> list[Problem]:
+def _text_source(
+    field: str,
+    source: str,
+    code: str,
+    resolve_upload: Callable[[str], Path | None] | None,
+    on_this_machine: bool,
+    tokens_allowed: bool,
+) -> list[Problem]:
     if source in NAMED_SETS:
         if on_this_machine and importlib.util.find_spec("datasets") is None:
-            return [Problem(field, f"named set {source!r} needs the `datasets` package "
-                                   "(pip install 'secateurs[datasets]'), or pass a local file", code)]
+            return [
+                Problem(
+                    field,
+                    f"named set {source!r} needs the `datasets` package "
+                    "(pip install 'secateurs[datasets]'), or pass a local file",
+                    code,
+                )
+            ]
         return []
     if source.startswith(UPLOADED):
         local = resolve_upload(source.removeprefix(UPLOADED)) if resolve_upload else None
         return [] if local is None else _text_file(field, local, code, tokens_allowed)
     path = Path(source).expanduser()
     if not path.is_file():
-        return [Problem(field, f"{source!r} is neither a named set ({', '.join(NAMED_SETS)}) nor an existing file",
-                        code)]
+        return [
+            Problem(field, f"{source!r} is neither a named set ({', '.join(NAMED_SETS)}) nor an existing file", code)
+        ]
     return _text_file(field, path, code, tokens_allowed)
 
 
@@ -162,15 +191,18 @@ def _text_file(field: str, path: Path, code: str, tokens_allowed: bool) -> list[
 def _combinations(config: PruneConfig, on_this_machine: bool) -> list[Problem]:
     """What the config cannot check alone: its method's own rules, and a schedule against the model's depth."""
     method = registered_methods()[config.method]
-    problems = [Problem(f"method_options.{name}", msg, "invalid_config")
-                for name, msg in method.Options.model_validate(config.method_options).conflicts(config)]
+    problems = [
+        Problem(f"method_options.{name}", msg, "invalid_config")
+        for name, msg in method.Options.model_validate(config.method_options).conflicts(config)
+    ]
     sc = config.schedule
     removes_blocks = config.structure is not None and config.structure.blocks > 0
     if sc.kind == "explicit" and sc.values is not None and on_this_machine and not removes_blocks:
         depth = _local_depth(config.model)
         if depth is not None and len(sc.values) != depth:
-            problems.append(Problem("schedule.values", f"{len(sc.values)} values for a model of {depth} blocks",
-                                    "invalid_schedule"))
+            problems.append(
+                Problem("schedule.values", f"{len(sc.values)} values for a model of {depth} blocks", "invalid_schedule")
+            )
     return problems
 
 

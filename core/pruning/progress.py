@@ -1,4 +1,5 @@
 """Progress reports from a run to whoever drives it (CLI progress bar, worker events)."""
+
 from __future__ import annotations
 
 from collections.abc import Callable

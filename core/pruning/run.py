@@ -1,5 +1,6 @@
 """One pruning run end to end: load → calibrate → (evaluate dense) → (structure) → prune block by block →
 (evaluate) → export. The single entry point the CLI and the worker call."""
+
 from __future__ import annotations
 
 import logging
@@ -26,7 +27,9 @@ from core.pruning.memory import reusing_freed_memory
 from core.pruning.progress import Progress, ProgressFn, StopFn, never_stop, no_progress
 
 log = logging.getLogger(__name__)
-TOKENS_PER_BATCH = 512  # windows run through a block together: fewer calls, but a forward pass's temporaries grow with it
+TOKENS_PER_BATCH = (
+    512  # windows run through a block together: fewer calls, but a forward pass's temporaries grow with it
+)
 
 
 @dataclass
@@ -58,8 +61,9 @@ class _Clock:
             self.seconds[name] = round(self.seconds.get(name, 0.0) + time.perf_counter() - t, 4)
 
 
-def prune(config: PruneConfig, out_dir: Path | str, on_progress: ProgressFn = no_progress,
-          should_stop: StopFn = never_stop) -> PruneResult:
+def prune(
+    config: PruneConfig, out_dir: Path | str, on_progress: ProgressFn = no_progress, should_stop: StopFn = never_stop
+) -> PruneResult:
     with reusing_freed_memory():
         return _prune(config, Path(out_dir), on_progress, should_stop)
 
@@ -92,17 +96,26 @@ def _prune(config: PruneConfig, out_dir: Path, on_progress: ProgressFn, should_s
             ev_seqlen = min(config.evaluation.seqlen or seqlen, models.max_positions(model) or 1 << 30)
             on_progress(Progress("evaluate_dense", "perplexity of the dense model"))
             dense = _perplexity(model, ev_ids, ev_seqlen, config, device)
-        ppl = {"dense": dense["perplexity"], "protocol": {**ev_protocol, **{k: dense[k] for k in
-                                                                           ("windows", "seqlen", "tokens_scored")}}}
+        ppl = {
+            "dense": dense["perplexity"],
+            "protocol": {**ev_protocol, **{k: dense[k] for k in ("windows", "seqlen", "tokens_scored")}},
+        }
 
     structure_metrics = None
     if config.structure is not None:
         from core.pruning.structured import apply_structure
 
         with clock.stage("structure"):
-            structure_metrics = apply_structure(model, cal.tokens, config.structure, device=device,
-                                                batch_size=batch, on_progress=on_progress,
-                                                should_stop=should_stop, measure_speed=True)
+            structure_metrics = apply_structure(
+                model,
+                cal.tokens,
+                config.structure,
+                device=device,
+                batch_size=batch,
+                on_progress=on_progress,
+                should_stop=should_stop,
+                measure_speed=True,
+            )
         _, blocks = models.find_blocks(model)
 
     layers: list[engine.LayerReport] = []
@@ -112,10 +125,21 @@ def _prune(config: PruneConfig, out_dir: Path, on_progress: ProgressFn, should_s
             block_sparsity = _block_sparsity(config, model, cal.tokens, device, batch, should_stop)
         with clock.stage("prune"), _scratch_beside(out_dir) as spill:
             res = engine.prune_blocks(
-                model, cal.tokens, method, device=device, block_sparsity=block_sparsity, nm=config.nm,
-                exclude=config.exclude, overrides=config.overrides, true_sequential=config.true_sequential,
-                propagate=config.propagate, batch_size=batch, on_progress=on_progress, should_stop=should_stop,
-                spill_dir=spill)
+                model,
+                cal.tokens,
+                method,
+                device=device,
+                block_sparsity=block_sparsity,
+                nm=config.nm,
+                exclude=config.exclude,
+                overrides=config.overrides,
+                true_sequential=config.true_sequential,
+                propagate=config.propagate,
+                batch_size=batch,
+                on_progress=on_progress,
+                should_stop=should_stop,
+                spill_dir=spill,
+            )
         layers, masks, shapes, skipped = res.layers, res.masks, res.mask_shapes, res.skipped
 
     if ppl is not None:
@@ -127,15 +151,21 @@ def _prune(config: PruneConfig, out_dir: Path, on_progress: ProgressFn, should_s
     zeros = sum(r.sparsity * math.prod(r.shape) for r in layers)
     block_params = sum(p.numel() for p in blocks.parameters())
     if layers and pruned_numel < 0.5 * block_params:  # e.g. MoE experts stored as fused 3-D parameters
-        log.warning("only %.0f%% of the blocks' parameters are in prunable linear layers",
-                    100 * pruned_numel / block_params)
+        log.warning(
+            "only %.0f%% of the blocks' parameters are in prunable linear layers", 100 * pruned_numel / block_params
+        )
     metrics: dict[str, Any] = {
         "format": "secateurs.metrics/1",
         "method": config.method,
         "config": config.model_dump(mode="json"),
-        "model": {"source": loaded.source, "class": type(model).__name__, "blocks": len(blocks),
-                  "dtype": str(next(model.parameters()).dtype).removeprefix("torch."),
-                  "params_before": params_before, "params_after": models.count_params(model)},
+        "model": {
+            "source": loaded.source,
+            "class": type(model).__name__,
+            "blocks": len(blocks),
+            "dtype": str(next(model.parameters()).dtype).removeprefix("torch."),
+            "params_before": params_before,
+            "params_after": models.count_params(model),
+        },
         "calibration": cal.protocol | {"batch_windows": batch},
         "device": str(device),
         "achieved_sparsity": zeros / pruned_numel if pruned_numel else 0.0,
@@ -143,8 +173,17 @@ def _prune(config: PruneConfig, out_dir: Path, on_progress: ProgressFn, should_s
         "prunable_share_of_block_params": pruned_numel / block_params if block_params else 0.0,
         "skipped_layers": skipped,
         "block_sparsity": block_sparsity,
-        "layers": [{"name": r.name, "shape": list(r.shape), "target": r.target, "pattern": r.pattern,
-                    "sparsity": r.sparsity, **r.info} for r in layers],
+        "layers": [
+            {
+                "name": r.name,
+                "shape": list(r.shape),
+                "target": r.target,
+                "pattern": r.pattern,
+                "sparsity": r.sparsity,
+                **r.info,
+            }
+            for r in layers
+        ],
         "damping_retries": sum(r.info.get("damping_retries", 0) for r in layers),
         "perplexity": ppl,
         "structure": structure_metrics,
@@ -158,9 +197,15 @@ def _prune(config: PruneConfig, out_dir: Path, on_progress: ProgressFn, should_s
         metrics["memory"] = _memory(device)
         extra = _write_compact if config.export.compact else None
         files = export.write_output(
-            out_dir, model=model if config.export.save_model else None, tokenizer=tok,
-            masks=masks if config.export.masks else {}, mask_shapes=shapes, metrics=_finite(metrics),
-            max_shard_size=config.export.max_shard_size, extra=extra)
+            out_dir,
+            model=model if config.export.save_model else None,
+            tokenizer=tok,
+            masks=masks if config.export.masks else {},
+            mask_shapes=shapes,
+            metrics=_finite(metrics),
+            max_shard_size=config.export.max_shard_size,
+            extra=extra,
+        )
     metrics["timings"] = clock.seconds | {"total": round(time.perf_counter() - started, 4)}
     metrics["model"]["file_bytes_after"] = sum(f.size for f in files if f.kind == "model")
     return PruneResult(out_dir, _finite(metrics), files)
@@ -181,8 +226,9 @@ def _scratch_beside(out_dir: Path) -> Iterator[Path]:
         shutil.rmtree(path, ignore_errors=True)
 
 
-def _perplexity(model: torch.nn.Module, ids: torch.Tensor, seqlen: int, config: PruneConfig,
-                device: torch.device) -> dict[str, Any]:
+def _perplexity(
+    model: torch.nn.Module, ids: torch.Tensor, seqlen: int, config: PruneConfig, device: torch.device
+) -> dict[str, Any]:
     ev = config.evaluation
     assert ev is not None
     if device.type != "cpu":
@@ -195,8 +241,14 @@ def _perplexity(model: torch.nn.Module, ids: torch.Tensor, seqlen: int, config: 
             torch.cuda.empty_cache()
 
 
-def _block_sparsity(config: PruneConfig, model: torch.nn.Module, tokens: torch.Tensor, device: torch.device,
-                    batch: int, should_stop: StopFn) -> list[float]:
+def _block_sparsity(
+    config: PruneConfig,
+    model: torch.nn.Module,
+    tokens: torch.Tensor,
+    device: torch.device,
+    batch: int,
+    should_stop: StopFn,
+) -> list[float]:
     _, blocks = models.find_blocks(model)
     if config.schedule.kind == "uniform" or config.nm is not None:
         return [config.target_sparsity] * len(blocks)
@@ -223,9 +275,13 @@ def _versions() -> dict[str, str]:
 
     import core
 
-    return {"python": platform.python_version(), "torch": torch.__version__,
-            "transformers": transformers.__version__, "secateurs": getattr(core, "__version__", "0.1.0"),
-            "platform": sys.platform}
+    return {
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "secateurs": getattr(core, "__version__", "0.1.0"),
+        "platform": sys.platform,
+    }
 
 
 def _finite(o: Any) -> Any:

@@ -8,6 +8,7 @@ OWL (Yin et al., 2024): per block, A = |W|·‖x‖ over all its linears (the Wa
 share of A above M·mean(A). r is rescaled to [0, 2λ] and block sparsity = 1 − (r − mean(r) + (1 − target)):
 blocks with more outliers are pruned less, and the mean stays the target.
 """
+
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
@@ -49,9 +50,13 @@ def _fit_mean(s: list[float], w: list[float], target: float, lo: float = 0.0, hi
     return s
 
 
-def block_sparsities(cfg: PruneConfig | ScheduleConfig, target: float, n_blocks: int,
-                     owl_scores: Sequence[float] | None = None,
-                     block_params: Sequence[float] | None = None) -> list[float]:
+def block_sparsities(
+    cfg: PruneConfig | ScheduleConfig,
+    target: float,
+    n_blocks: int,
+    owl_scores: Sequence[float] | None = None,
+    block_params: Sequence[float] | None = None,
+) -> list[float]:
     """Sparsity of each block. owl_scores: outlier ratio of each block (`owl_outlier_ratio`), needed for OWL.
     block_params: prunable weights in each block (default: equal), the weights of the mean."""
     sc = cfg.schedule if isinstance(cfg, PruneConfig) else cfg
@@ -72,8 +77,10 @@ def block_sparsities(cfg: PruneConfig | ScheduleConfig, target: float, n_blocks:
         s = [x + target - _mean(ramp, w) for x in ramp]  # first/last set the slope; the mean is the target
     elif sc.kind == "owl":
         if owl_scores is None or len(owl_scores) != n_blocks:
-            raise ScheduleError(f"OWL needs one outlier ratio per block ({n_blocks}), got "
-                                f"{None if owl_scores is None else len(owl_scores)}")
+            raise ScheduleError(
+                f"OWL needs one outlier ratio per block ({n_blocks}), got "
+                f"{None if owl_scores is None else len(owl_scores)}"
+            )
         r = [float(x) for x in owl_scores]
         span = max(r) - min(r)
         r = [(x - min(r)) / span * 2 * sc.owl_lambda if span > 0 else 0.0 for x in r]  # into [0, 2λ]
@@ -86,8 +93,9 @@ def block_sparsities(cfg: PruneConfig | ScheduleConfig, target: float, n_blocks:
         raise ScheduleError(f"{sc.kind} schedule gives block sparsity {bad[0]:.4f}, outside [0, {HI}]")
     got = _mean(s, w)
     if abs(got - target) > TOL:
-        raise ScheduleError(f"{sc.kind} schedule has mean sparsity {got:.4f}, target is {target:.4f} "
-                            f"(allowed difference {TOL})")
+        raise ScheduleError(
+            f"{sc.kind} schedule has mean sparsity {got:.4f}, target is {target:.4f} (allowed difference {TOL})"
+        )
     return s
 
 
@@ -108,9 +116,16 @@ def owl_outlier_ratio(weights: Iterable[torch.Tensor], input_sq: Iterable[torch.
     return sum(int((score(w, s) > cut).sum()) for w, s in pairs) / n
 
 
-def owl_scores(model: nn.Module, tokens: torch.Tensor, *, m: float = 5.0, device: torch.device | str = "cpu",
-               batch_size: int = 8, exclude: Sequence[str] = (),
-               should_stop: StopFn = never_stop) -> tuple[list[float], list[int]]:
+def owl_scores(
+    model: nn.Module,
+    tokens: torch.Tensor,
+    *,
+    m: float = 5.0,
+    device: torch.device | str = "cpu",
+    batch_size: int = 8,
+    exclude: Sequence[str] = (),
+    should_stop: StopFn = never_stop,
+) -> tuple[list[float], list[int]]:
     """Dense pre-pass, one block at a time with the engine's walker: (outlier ratio, prunable weights) of each
     block, over its prunable linears not matched by `exclude` (regexes of full layer names)."""
     from core.pruning.methods.wanda import InputNorms
@@ -120,8 +135,11 @@ def owl_scores(model: nn.Module, tokens: torch.Tensor, *, m: float = 5.0, device
     ratios, sizes = [], []
 
     def score_block(i: int, block: nn.Module, inputs: BlockInputs) -> list[torch.Tensor]:
-        layers = {n: l for n, l in models.prunable_layers(block).items()
-                  if models.select([f"{prefix}.{i}.{n}"], list(exclude))}
+        layers = {
+            n: l
+            for n, l in models.prunable_layers(block).items()
+            if models.select([f"{prefix}.{i}.{n}"], list(exclude))
+        }
         stats = {n: InputNorms(models.in_features(l), device) for n, l in layers.items()}
         with hooked(layers, lambda n, x: stats[n].add_batch(x)):
             outs = inputs.run(block)
@@ -137,17 +155,37 @@ def owl_scores(model: nn.Module, tokens: torch.Tensor, *, m: float = 5.0, device
 def block_weights(model: nn.Module, exclude: Sequence[str] = ()) -> list[int]:
     """Prunable weights in each block (the weights of the mean sparsity)."""
     prefix, blocks = models.find_blocks(model)
-    return [sum(models.get_weight(l).numel() for n, l in models.prunable_layers(b).items()
-                if models.select([f"{prefix}.{i}.{n}"], list(exclude))) for i, b in enumerate(blocks)]
+    return [
+        sum(
+            models.get_weight(l).numel()
+            for n, l in models.prunable_layers(b).items()
+            if models.select([f"{prefix}.{i}.{n}"], list(exclude))
+        )
+        for i, b in enumerate(blocks)
+    ]
 
 
-def for_model(config: PruneConfig, model: nn.Module, tokens: torch.Tensor, *, device: torch.device | str = "cpu",
-              batch_size: int = 8, should_stop: StopFn = never_stop) -> list[float]:
+def for_model(
+    config: PruneConfig,
+    model: nn.Module,
+    tokens: torch.Tensor,
+    *,
+    device: torch.device | str = "cpu",
+    batch_size: int = 8,
+    should_stop: StopFn = never_stop,
+) -> list[float]:
     """The schedule of `config` for this model (runs the OWL pre-pass when needed)."""
     target = config.target_sparsity
     if config.schedule.kind == "owl":
-        ratios, sizes = owl_scores(model, tokens, m=config.schedule.owl_m, device=device, batch_size=batch_size,
-                                   exclude=config.exclude, should_stop=should_stop)
+        ratios, sizes = owl_scores(
+            model,
+            tokens,
+            m=config.schedule.owl_m,
+            device=device,
+            batch_size=batch_size,
+            exclude=config.exclude,
+            should_stop=should_stop,
+        )
         return block_sparsities(config, target, len(sizes), ratios, sizes)
     sizes = block_weights(model, config.exclude)
     return block_sparsities(config, target, len(sizes), None, sizes)

@@ -3,6 +3,7 @@
 Found by watching one forward pass, so no architecture is hard-coded: two inputs are the same tensor when they
 share storage address, shape and strides. Every tensor that opened a group is held until `release()`, so that
 no later tensor can be allocated at its address and pass for it."""
+
 from __future__ import annotations
 
 import torch

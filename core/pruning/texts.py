@@ -1,4 +1,5 @@
 """Documents of a calibration or evaluation text file (no heavy imports: the API validates uploads with it)."""
+
 from __future__ import annotations
 
 import json

@@ -4,6 +4,7 @@ in order, each on the compute device in turn, and feed each block's outputs to t
 Pruning feeds on the pruned block's outputs (errors propagate, as in the papers); the scoring pre-passes (OWL,
 structured) return the dense outputs their own pass computed. Only the current block and the calibration
 activations sit on the compute device."""
+
 from __future__ import annotations
 
 import inspect
@@ -118,8 +119,9 @@ def _split_hidden(args: tuple, kwargs: dict) -> tuple[torch.Tensor, tuple, dict]
     return h, args[1:], kw
 
 
-def capture(model: nn.Module, blocks: nn.ModuleList, tokens: torch.Tensor, device: torch.device,
-            batch_size: int) -> BlockInputs:
+def capture(
+    model: nn.Module, blocks: nn.ModuleList, tokens: torch.Tensor, device: torch.device, batch_size: int
+) -> BlockInputs:
     """Run the model up to its first block for every batch of calibration windows and keep what enters it;
     then record the arguments each block receives, running the model once per batch size with every block
     replaced by a cheap recorder (so no block needs to be on the device)."""
@@ -164,6 +166,7 @@ def capture(model: nn.Module, blocks: nn.ModuleList, tokens: torch.Tensor, devic
                     if i == len(blocks) - 1:
                         raise _Captured  # nothing after the last block is needed
                     return (h,) if as_tuple else h
+
                 return fwd
 
             for i, blk in enumerate(blocks):
@@ -208,8 +211,16 @@ def hooked(layers: dict[str, nn.Module], fn: Callable[[str, torch.Tensor], objec
 Visit = Callable[[int, nn.Module, BlockInputs], list[torch.Tensor] | None]
 
 
-def walk_blocks(model: nn.Module, tokens: torch.Tensor, visit: Visit, *, device: torch.device, batch_size: int,
-                should_stop: StopFn = never_stop, after: Callable[[int], None] | None = None) -> None:
+def walk_blocks(
+    model: nn.Module,
+    tokens: torch.Tensor,
+    visit: Visit,
+    *,
+    device: torch.device,
+    batch_size: int,
+    should_stop: StopFn = never_stop,
+    after: Callable[[int], None] | None = None,
+) -> None:
     """Capture the first block's inputs from calibration windows `tokens` [n, seqlen] (batches of batch_size),
     then for each block: stop if asked (Cancelled), move the block to the device, call visit(i, block, inputs)
     and make the next block's inputs, which are the outputs the visit returns or, when it returns None, those

@@ -1,4 +1,5 @@
 """Artifact storage behind one small interface: a local directory or an S3-compatible bucket."""
+
 from __future__ import annotations
 
 from abc import ABC, abstractmethod

@@ -1,4 +1,5 @@
 """The layout of stored objects: every key the service writes is built here."""
+
 from __future__ import annotations
 
 

@@ -1,4 +1,5 @@
 """Local directory backend: objects are files under ``root``; writes are atomic (temp file + rename)."""
+
 from __future__ import annotations
 
 import os
@@ -63,7 +64,9 @@ class LocalStorage(Storage):
         if base.is_file():
             return [prefix]
         return sorted(
-            p.relative_to(self.root).as_posix() for p in base.rglob("*") if p.is_file() and not p.name.startswith(".upload-")
+            p.relative_to(self.root).as_posix()
+            for p in base.rglob("*")
+            if p.is_file() and not p.name.startswith(".upload-")
         )
 
     def delete_prefix(self, prefix: str) -> int:

@@ -4,6 +4,7 @@
 - ``request_checksum_calculation="when_required"`` keeps boto3 >= 1.36 working with older MinIO.
 - Presigned URLs are signed for the *public* endpoint, not the in-cluster host the service talks to.
 """
+
 from __future__ import annotations
 
 from pathlib import Path

@@ -1,4 +1,5 @@
 """The HTTP API, in process, on embedded SQLite (+ SQLite broker) and on Postgres (+ Redis)."""
+
 from __future__ import annotations
 
 import json
@@ -14,8 +15,12 @@ PROBLEM = "application/problem+json"
 
 
 def body(**kw):  # noqa: ANN003, ANN201
-    b = {"model": "org/tiny-model", "method": "wanda", "sparsity": 0.5,
-         "calibration": {"texts": ["hello world"], "nsamples": 4, "seqlen": 32}}
+    b = {
+        "model": "org/tiny-model",
+        "method": "wanda",
+        "sparsity": 0.5,
+        "calibration": {"texts": ["hello world"], "nsamples": 4, "seqlen": 32},
+    }
     b.update(kw)
     return b
 
@@ -34,6 +39,7 @@ def assert_problem(r, status: int, field: str | None = None):  # noqa: ANN001, A
 
 # --- auth and tenancy ---------------------------------------------------------------------------
 
+
 def test_requires_a_valid_key(api):  # noqa: ANN001
     assert_problem(api.client.get("/v1/pruning-jobs"), 401)
     r = api.client.get("/v1/pruning-jobs", headers={"Authorization": "Bearer sct_0123456789abcdef_" + "x" * 43})
@@ -46,9 +52,14 @@ def test_tenants_never_see_each_other(api):  # noqa: ANN001
     _, hb = api.tenant()
     job = api.client.post("/v1/pruning-jobs", json=body(), headers=ha).json()
     cal = api.client.post("/v1/calibration-sets", files={"file": ("c.txt", b"some text")}, headers=ha).json()
-    for path in (f"/v1/pruning-jobs/{job['id']}", f"/v1/pruning-jobs/{job['id']}/events",
-                 f"/v1/pruning-jobs/{job['id']}/artifacts", f"/v1/pruning-jobs/{job['id']}/artifacts/x",
-                 f"/v1/calibration-sets/{cal['id']}", f"/v1/pruning-jobs/{job['id']}/events/stream"):
+    for path in (
+        f"/v1/pruning-jobs/{job['id']}",
+        f"/v1/pruning-jobs/{job['id']}/events",
+        f"/v1/pruning-jobs/{job['id']}/artifacts",
+        f"/v1/pruning-jobs/{job['id']}/artifacts/x",
+        f"/v1/calibration-sets/{cal['id']}",
+        f"/v1/pruning-jobs/{job['id']}/events/stream",
+    ):
         assert_problem(api.client.get(path, headers=hb), 404)
     assert_problem(api.client.post(f"/v1/pruning-jobs/{job['id']}/cancel", headers=hb), 404)
     assert api.client.get("/v1/pruning-jobs", headers=hb).json()["data"] == []
@@ -58,6 +69,7 @@ def test_tenants_never_see_each_other(api):  # noqa: ANN001
 
 
 # --- create, get, list --------------------------------------------------------------------------
+
 
 def test_create_returns_201_location_and_the_job(api):  # noqa: ANN001
     _, h = api.tenant()
@@ -112,6 +124,7 @@ def test_list_cursor_pagination_and_status_filter(api):  # noqa: ANN001
 
 # --- idempotency --------------------------------------------------------------------------------
 
+
 def test_idempotency_key_replays_the_stored_response(api):  # noqa: ANN001
     _, h = api.tenant()
     hk = {**h, "Idempotency-Key": "abc-1"}
@@ -149,33 +162,37 @@ def test_rejected_body_does_not_burn_the_idempotency_key(api):  # noqa: ANN001
 
 # --- validation: every bad input is a 4xx problem naming the field ------------------------------
 
-@pytest.mark.parametrize(("patch", "field"), [
-    ({"sparsity": 1.5}, "sparsity"),
-    ({"sparsity": -0.1}, "sparsity"),
-    ({"sparsity": "half"}, "sparsity"),
-    ({"pattern": "4:4"}, "pattern"),
-    ({"pattern": "5:4"}, "pattern"),
-    ({"pattern": "two-four"}, "pattern"),
-    ({"method": "random"}, "method"),
-    ({"model": ""}, "model"),
-    ({"model": "/etc"}, "model"),
-    ({"model": "../../etc/passwd"}, "model"),
-    ({"model": "s3://"}, "model"),
-    ({"dtype": "int3"}, "dtype"),
-    ({"calibration": {"nsamples": 0}}, "calibration.nsamples"),
-    ({"calibration": {"source": "/etc/passwd"}}, "calibration.source"),
-    ({"calibration": {"texts": ["  "]}}, "calibration"),
-    ({"calibration": {"source": "c4", "texts": ["a"]}}, "calibration"),
-    ({"calibration": {"calibration_set_id": "cal_" + "0" * 26}}, "calibration.calibration_set_id"),
-    ({"metadata": {"k": "v" * 600}}, "metadata"),
-    ({"metadata": {str(i): "v" for i in range(17)}}, "metadata"),
-    ({"overrides": {"(": 0.3}}, "overrides"),
-    ({"exclude": ["[unclosed"]}, "exclude"),
-    ({"device": "cuda:0"}, "device"),
-    ({"trust_remote_code": True}, "trust_remote_code"),
-    ({"unknown_field": 1}, "unknown_field"),
-    ({"evaluation": {"source": "/etc/hosts"}}, "evaluation.source"),
-])
+
+@pytest.mark.parametrize(
+    ("patch", "field"),
+    [
+        ({"sparsity": 1.5}, "sparsity"),
+        ({"sparsity": -0.1}, "sparsity"),
+        ({"sparsity": "half"}, "sparsity"),
+        ({"pattern": "4:4"}, "pattern"),
+        ({"pattern": "5:4"}, "pattern"),
+        ({"pattern": "two-four"}, "pattern"),
+        ({"method": "random"}, "method"),
+        ({"model": ""}, "model"),
+        ({"model": "/etc"}, "model"),
+        ({"model": "../../etc/passwd"}, "model"),
+        ({"model": "s3://"}, "model"),
+        ({"dtype": "int3"}, "dtype"),
+        ({"calibration": {"nsamples": 0}}, "calibration.nsamples"),
+        ({"calibration": {"source": "/etc/passwd"}}, "calibration.source"),
+        ({"calibration": {"texts": ["  "]}}, "calibration"),
+        ({"calibration": {"source": "c4", "texts": ["a"]}}, "calibration"),
+        ({"calibration": {"calibration_set_id": "cal_" + "0" * 26}}, "calibration.calibration_set_id"),
+        ({"metadata": {"k": "v" * 600}}, "metadata"),
+        ({"metadata": {str(i): "v" for i in range(17)}}, "metadata"),
+        ({"overrides": {"(": 0.3}}, "overrides"),
+        ({"exclude": ["[unclosed"]}, "exclude"),
+        ({"device": "cuda:0"}, "device"),
+        ({"trust_remote_code": True}, "trust_remote_code"),
+        ({"unknown_field": 1}, "unknown_field"),
+        ({"evaluation": {"source": "/etc/hosts"}}, "evaluation.source"),
+    ],
+)
 def test_bad_inputs_are_422_problems_naming_the_field(api, patch, field):  # noqa: ANN001
     _, h = api.tenant()
     assert_problem(api.client.post("/v1/pruning-jobs", json=body(**patch), headers=h), 422, field)
@@ -208,7 +225,9 @@ def test_local_model_paths_must_be_inside_allowed_roots(api, tmp_path):  # noqa:
     (root / "m1").mkdir()
     assert api.client.post("/v1/pruning-jobs", json=body(model=str(root / "m1")), headers=h).status_code == 201
     assert_problem(api.client.post("/v1/pruning-jobs", json=body(model=str(root / "missing")), headers=h), 422, "model")
-    assert_problem(api.client.post("/v1/pruning-jobs", json=body(model=str(root / "m1" / ".." / "..")), headers=h), 422, "model")
+    assert_problem(
+        api.client.post("/v1/pruning-jobs", json=body(model=str(root / "m1" / ".." / "..")), headers=h), 422, "model"
+    )
     (tmp_path / "outside").mkdir()
     (root / "link").symlink_to(tmp_path / "outside")
     assert_problem(api.client.post("/v1/pruning-jobs", json=body(model=str(root / "link")), headers=h), 422, "model")
@@ -222,6 +241,7 @@ def test_unknown_routes_and_methods_are_problems(api):  # noqa: ANN001
 
 
 # --- cancel -------------------------------------------------------------------------------------
+
 
 def test_cancel_queued_running_finished(api):  # noqa: ANN001
     tid, h = api.tenant()
@@ -253,6 +273,7 @@ def test_cancel_queued_running_finished(api):  # noqa: ANN001
 
 # --- events: list and SSE -----------------------------------------------------------------------
 
+
 def _sse(text: str) -> list[dict]:
     out = []
     for block in text.split("\n\n"):
@@ -274,8 +295,15 @@ def test_events_paging_and_sse_with_last_event_id(api):  # noqa: ANN001
         execution.claim(s, tid, jid, "w", 60)
     for b in range(3):
         with session_scope(api.settings.db_url) as s:
-            execution.report(s, tid, jid, 1, 60, progress={"stage": "prune", "block": b, "total_blocks": 3},
-                             event=("progress", {"stage": "prune", "block": b, "total_blocks": 3}))
+            execution.report(
+                s,
+                tid,
+                jid,
+                1,
+                60,
+                progress={"stage": "prune", "block": b, "total_blocks": 3},
+                event=("progress", {"stage": "prune", "block": b, "total_blocks": 3}),
+            )
     page = api.client.get(f"/v1/pruning-jobs/{jid}/events", params={"after": 1, "limit": 2}, headers=h).json()
     assert [e["id"] for e in page["data"]] == [2, 3] and page["has_more"] is True
     assert api.client.get(f"/v1/pruning-jobs/{jid}", headers=h).json()["progress"]["block"] == 2
@@ -301,28 +329,40 @@ def test_events_paging_and_sse_with_last_event_id(api):  # noqa: ANN001
 
 # --- calibration sets ---------------------------------------------------------------------------
 
+
 def test_calibration_upload_list_get_and_limits(api):  # noqa: ANN001
     _, h = api.tenant()
-    r = api.client.post("/v1/calibration-sets", files={"file": ("c.jsonl", b'{"text": "a b c"}\n{"text": "d"}\n')}, headers=h)
+    r = api.client.post(
+        "/v1/calibration-sets", files={"file": ("c.jsonl", b'{"text": "a b c"}\n{"text": "d"}\n')}, headers=h
+    )
     assert r.status_code == 201, r.text
     cs = r.json()
     assert cs["format"] == "jsonl" and cs["records"] == 2 and len(cs["sha256"]) == 64
     assert api.client.get(f"/v1/calibration-sets/{cs['id']}", headers=h).json() == cs
     assert [c["id"] for c in api.client.get("/v1/calibration-sets", headers=h).json()["data"]] == [cs["id"]]
-    job = api.client.post("/v1/pruning-jobs", json=body(calibration={"calibration_set_id": cs["id"], "nsamples": 4}), headers=h)
+    job = api.client.post(
+        "/v1/pruning-jobs", json=body(calibration={"calibration_set_id": cs["id"], "nsamples": 4}), headers=h
+    )
     assert job.status_code == 201 and job.json()["request"]["calibration"]["calibration_set_id"] == cs["id"]
 
     assert_problem(api.client.post("/v1/calibration-sets", files={"file": ("e.txt", b"")}, headers=h), 422, "file")
-    assert_problem(api.client.post("/v1/calibration-sets", files={"file": ("e.txt", b" \n\n ")}, headers=h), 422, "file")
+    assert_problem(
+        api.client.post("/v1/calibration-sets", files={"file": ("e.txt", b" \n\n ")}, headers=h), 422, "file"
+    )
     assert_problem(api.client.post("/v1/calibration-sets", files={"file": ("x.csv", b"a,b")}, headers=h), 422, "file")
-    assert_problem(api.client.post("/v1/calibration-sets", files={"file": ("x.jsonl", b"{oops\n")}, headers=h), 422, "file")
-    assert_problem(api.client.post("/v1/calibration-sets", files={"file": ("x.jsonl", b'{"t": 1}\n')}, headers=h), 422, "file")
+    assert_problem(
+        api.client.post("/v1/calibration-sets", files={"file": ("x.jsonl", b"{oops\n")}, headers=h), 422, "file"
+    )
+    assert_problem(
+        api.client.post("/v1/calibration-sets", files={"file": ("x.jsonl", b'{"t": 1}\n')}, headers=h), 422, "file"
+    )
     big = b"word " * (api.settings.calibration_max_bytes // 5 + 10)
     assert_problem(api.client.post("/v1/calibration-sets", files={"file": ("big.txt", big)}, headers=h), 413)
     assert_problem(api.client.post("/v1/calibration-sets", headers=h), 422, "file")
 
 
 # --- operations ---------------------------------------------------------------------------------
+
 
 def test_health_ready_metrics(api):  # noqa: ANN001
     _, h = api.tenant()
@@ -339,10 +379,20 @@ def test_health_ready_metrics(api):  # noqa: ANN001
 def test_openapi_documents_routes_errors_and_examples(api):  # noqa: ANN001
     spec = api.client.get("/openapi.json").json()
     paths = spec["paths"]
-    for p in ("/v1/pruning-jobs", "/v1/pruning-jobs/{job_id}", "/v1/pruning-jobs/{job_id}/cancel",
-              "/v1/pruning-jobs/{job_id}/events", "/v1/pruning-jobs/{job_id}/events/stream",
-              "/v1/pruning-jobs/{job_id}/artifacts", "/v1/pruning-jobs/{job_id}/artifacts/{name}",
-              "/v1/calibration-sets", "/v1/calibration-sets/{set_id}", "/healthz", "/readyz", "/metrics"):
+    for p in (
+        "/v1/pruning-jobs",
+        "/v1/pruning-jobs/{job_id}",
+        "/v1/pruning-jobs/{job_id}/cancel",
+        "/v1/pruning-jobs/{job_id}/events",
+        "/v1/pruning-jobs/{job_id}/events/stream",
+        "/v1/pruning-jobs/{job_id}/artifacts",
+        "/v1/pruning-jobs/{job_id}/artifacts/{name}",
+        "/v1/calibration-sets",
+        "/v1/calibration-sets/{set_id}",
+        "/healthz",
+        "/readyz",
+        "/metrics",
+    ):
         assert p in paths, p
     post = paths["/v1/pruning-jobs"]["post"]
     for code in ("201", "401", "409", "422"):
@@ -380,12 +430,31 @@ def test_local_artifacts_stream_with_range(api, tmp_path):  # noqa: ANN001
     info = storage.put_file(key, src)
     with session_scope(api.settings.db_url) as s:
         execution.claim(s, tid, jid, "w", 60)
-        art = Artifact(tenant_id=tid, job_id=jid, attempt=1, name="sub/w.bin", kind="model", size=info.size,
-                       sha256=info.sha256, storage_key=key)
-        assert execution.finish(s, tid, jid, 1, outcome="succeeded", artifacts=[art], metrics={"achieved_sparsity": 0.5}) == "succeeded"
+        art = Artifact(
+            tenant_id=tid,
+            job_id=jid,
+            attempt=1,
+            name="sub/w.bin",
+            kind="model",
+            size=info.size,
+            sha256=info.sha256,
+            storage_key=key,
+        )
+        assert (
+            execution.finish(s, tid, jid, 1, outcome="succeeded", artifacts=[art], metrics={"achieved_sparsity": 0.5})
+            == "succeeded"
+        )
     arts = api.client.get(f"/v1/pruning-jobs/{jid}/artifacts", headers=h).json()["data"]
-    assert arts == [{"name": "sub/w.bin", "kind": "model", "size": len(data), "sha256": hashlib.sha256(data).hexdigest(),
-                     "attempt": 1, "url": f"/v1/pruning-jobs/{jid}/artifacts/sub/w.bin"}]
+    assert arts == [
+        {
+            "name": "sub/w.bin",
+            "kind": "model",
+            "size": len(data),
+            "sha256": hashlib.sha256(data).hexdigest(),
+            "attempt": 1,
+            "url": f"/v1/pruning-jobs/{jid}/artifacts/sub/w.bin",
+        }
+    ]
     full = api.client.get(arts[0]["url"], headers=h)
     assert full.status_code == 200 and full.content == data and full.headers["accept-ranges"] == "bytes"
     part = api.client.get(arts[0]["url"], headers={**h, "Range": "bytes=100-199"})
@@ -439,13 +508,20 @@ def test_concurrent_requests_with_one_idempotency_key_create_one_job(api):  # no
     assert len(api.client.get("/v1/pruning-jobs", headers=h).json()["data"]) == 1
 
 
-@pytest.mark.parametrize("extra", [
-    {"schedule": {"kind": "owl"}},
-    {"sparsity": None, "structure": {"mlp_channels": 0.25, "heads": 0.25}},
-    {"method": "sparsegpt", "sparsity": None, "pattern": "2:4", "true_sequential": True},
-    {"exclude": ["lm_head", r"layers\.0\."], "overrides": {r"mlp\.down_proj": 0.3}},
-    {"calibration": {"source": "wikitext2", "nsamples": 8, "seqlen": 64}, "evaluation": {"source": "wikitext2", "max_windows": 4}},
-], ids=["owl", "structure", "sparsegpt-2:4", "exclude-overrides", "named-sets"])
+@pytest.mark.parametrize(
+    "extra",
+    [
+        {"schedule": {"kind": "owl"}},
+        {"sparsity": None, "structure": {"mlp_channels": 0.25, "heads": 0.25}},
+        {"method": "sparsegpt", "sparsity": None, "pattern": "2:4", "true_sequential": True},
+        {"exclude": ["lm_head", r"layers\.0\."], "overrides": {r"mlp\.down_proj": 0.3}},
+        {
+            "calibration": {"source": "wikitext2", "nsamples": 8, "seqlen": 64},
+            "evaluation": {"source": "wikitext2", "max_windows": 4},
+        },
+    ],
+    ids=["owl", "structure", "sparsegpt-2:4", "exclude-overrides", "named-sets"],
+)
 def test_engine_options_pass_through_to_the_stored_config(api, extra):  # noqa: ANN001
     _, h = api.tenant()
     r = api.client.post("/v1/pruning-jobs", json=body(**extra), headers=h)

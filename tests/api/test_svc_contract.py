@@ -4,6 +4,7 @@ and every response must be documented: its status code, its content type and its
 
 Each generated request runs twice: as generated (unknown ids: the 404/422 paths) and with its path ids
 replaced by a real succeeded job, its artifact and a calibration set (the 200/409 paths)."""
+
 from __future__ import annotations
 
 import pytest
@@ -27,8 +28,15 @@ CHECKS = [not_a_server_error, status_code_conformance, content_type_conformance,
 def seeded(api, tmp_path):  # noqa: ANN001, ANN201
     """A tenant with a succeeded job (one artifact) and a calibration set; their ids and the tenant's headers."""
     tid, headers = api.tenant()
-    r = api.client.post("/v1/pruning-jobs", headers=headers, json={
-        "model": "org/tiny-model", "sparsity": 0.5, "calibration": {"texts": ["hello world"], "nsamples": 4, "seqlen": 32}})
+    r = api.client.post(
+        "/v1/pruning-jobs",
+        headers=headers,
+        json={
+            "model": "org/tiny-model",
+            "sparsity": 0.5,
+            "calibration": {"texts": ["hello world"], "nsamples": 4, "seqlen": 32},
+        },
+    )
     assert r.status_code == 201, r.text
     jid = r.json()["id"]
     src = tmp_path / "model.safetensors"
@@ -37,8 +45,16 @@ def seeded(api, tmp_path):  # noqa: ANN001, ANN201
     info = api.client.app.state.storage.put_file(key, src)
     with session_scope(api.settings.db_url) as s:
         execution.claim(s, tid, jid, "w", 60)
-        art = Artifact(tenant_id=tid, job_id=jid, attempt=1, name="model.safetensors", kind="model",
-                       size=info.size, sha256=info.sha256, storage_key=key)
+        art = Artifact(
+            tenant_id=tid,
+            job_id=jid,
+            attempt=1,
+            name="model.safetensors",
+            kind="model",
+            size=info.size,
+            sha256=info.sha256,
+            storage_key=key,
+        )
         execution.finish(s, tid, jid, 1, outcome="succeeded", artifacts=[art], metrics={"achieved_sparsity": 0.5})
     r = api.client.post("/v1/calibration-sets", headers=headers, files={"file": ("c.txt", b"some text")})
     assert r.status_code == 201, r.text
@@ -55,8 +71,12 @@ schema = schemathesis.pytest.from_fixture("contract")
 
 
 @schema.parametrize()
-@settings(max_examples=30, derandomize=True, deadline=None,
-          suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow, HealthCheck.filter_too_much])
+@settings(
+    max_examples=30,
+    derandomize=True,
+    deadline=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow, HealthCheck.filter_too_much],
+)
 def test_every_response_is_the_documented_one(case, seeded):  # noqa: ANN001
     headers, ids = seeded
     case.call_and_validate(headers=headers, checks=CHECKS)

@@ -1,10 +1,15 @@
 """New jobs reach the broker only after their row is committed, once, and are marked enqueued."""
+
 from __future__ import annotations
 
 from core.db.engine import session_scope
 from core.db.repositories import JobRepository
 
-BODY = {"model": "org/tiny-model", "sparsity": 0.5, "calibration": {"texts": ["hello world"], "nsamples": 4, "seqlen": 32}}
+BODY = {
+    "model": "org/tiny-model",
+    "sparsity": 0.5,
+    "calibration": {"texts": ["hello world"], "nsamples": 4, "seqlen": 32},
+}
 
 
 class FailingQueue:

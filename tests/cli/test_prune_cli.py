@@ -1,4 +1,5 @@
 """`secateurs prune` run as a user runs it: a subprocess."""
+
 import json
 import os
 import subprocess
@@ -11,15 +12,34 @@ from core.pruning import models, patterns
 
 
 def cli(*args, cwd=None):
-    return subprocess.run([sys.executable, "-m", "cli", "prune", *map(str, args)], capture_output=True,
-                          text=True, timeout=300, cwd=cwd)
+    return subprocess.run(
+        [sys.executable, "-m", "cli", "prune", *map(str, args)], capture_output=True, text=True, timeout=300, cwd=cwd
+    )
 
 
 def test_prune_writes_a_model_transformers_loads_and_prints_the_table(tiny_model, tmp_path):
     src = tiny_model("llama")
     out = tmp_path / "pruned"
-    r = cli("--model", src, "--method", "sparsegpt", "--pattern", "2:4", "--calibration", src / "calibration.txt",
-            "--nsamples", 8, "--seqlen", 32, "--eval", src / "calibration.txt", "--eval-seqlen", 32, "--out", out)
+    r = cli(
+        "--model",
+        src,
+        "--method",
+        "sparsegpt",
+        "--pattern",
+        "2:4",
+        "--calibration",
+        src / "calibration.txt",
+        "--nsamples",
+        8,
+        "--seqlen",
+        32,
+        "--eval",
+        src / "calibration.txt",
+        "--eval-seqlen",
+        32,
+        "--out",
+        out,
+    )
     assert r.returncode == 0, r.stderr
     assert "achieved sparsity" in r.stdout and "perplexity" in r.stdout and "0.5000" in r.stdout
     assert "prune" in r.stderr  # the progress bars go to stderr
@@ -32,15 +52,18 @@ def test_prune_writes_a_model_transformers_loads_and_prints_the_table(tiny_model
     assert metrics["config"]["pattern"] == "2:4" and metrics["perplexity"]["pruned"] > 0
 
 
-@pytest.mark.parametrize("args,needle", [
-    (["--sparsity", "1.5"], "sparsity"),
-    (["--sparsity", "-0.1"], "sparsity"),
-    (["--pattern", "4:4"], "N:M needs 0 < N < M"),
-    (["--pattern", "2-4"], "pattern"),
-    (["--method", "obs", "--sparsity", "0.5"], "method"),
-    (["--sparsity", "0.5", "--override", "noequals"], "--override"),
-    (["--sparsity", "0.5", "--exclude", "("], "invalid regex"),
-])
+@pytest.mark.parametrize(
+    "args,needle",
+    [
+        (["--sparsity", "1.5"], "sparsity"),
+        (["--sparsity", "-0.1"], "sparsity"),
+        (["--pattern", "4:4"], "N:M needs 0 < N < M"),
+        (["--pattern", "2-4"], "pattern"),
+        (["--method", "obs", "--sparsity", "0.5"], "method"),
+        (["--sparsity", "0.5", "--override", "noequals"], "--override"),
+        (["--sparsity", "0.5", "--exclude", "("], "invalid regex"),
+    ],
+)
 def test_bad_arguments_exit_nonzero_with_one_line_and_write_nothing(tiny_model, tmp_path, args, needle):
     out = tmp_path / "o"
     r = cli("--model", tiny_model("llama"), *args, "--out", out)
@@ -58,33 +81,88 @@ def test_missing_model_directory(tmp_path):
 
 def test_unusable_calibration_fails_with_its_code_and_writes_nothing(tiny_model, tmp_path):
     (tmp_path / "tiny.txt").write_text("too short")
-    r = cli("--model", tiny_model("llama"), "--sparsity", "0.5", "--calibration", tmp_path / "tiny.txt",
-            "--out", tmp_path / "o")
+    r = cli(
+        "--model",
+        tiny_model("llama"),
+        "--sparsity",
+        "0.5",
+        "--calibration",
+        tmp_path / "tiny.txt",
+        "--out",
+        tmp_path / "o",
+    )
     assert r.returncode == 1 and "calibration_error" in r.stderr
     assert not (tmp_path / "o").exists()
 
 
 HISTORICAL_FLAGS = [
-    "--model", "--out", "--method", "--sparsity", "--pattern", "--calibration", "--nsamples", "--seqlen", "--seed",
-    "--eval", "--eval-seqlen", "--eval-windows", "--eval-batch-size", "--dtype", "--device", "--revision",
-    "--trust-remote-code", "--exclude", "--override", "--magnitude-scope", "--wanda-alpha-search", "--blocksize",
-    "--percdamp", "--true-sequential", "--propagate", "--schedule", "--schedule-values", "--schedule-first",
-    "--schedule-last", "--owl-m", "--owl-lambda", "--structure-mlp", "--structure-heads", "--structure-blocks",
-    "--structure-score", "--bias-compensation", "--save-model", "--masks", "--compact", "--json",
+    "--model",
+    "--out",
+    "--method",
+    "--sparsity",
+    "--pattern",
+    "--calibration",
+    "--nsamples",
+    "--seqlen",
+    "--seed",
+    "--eval",
+    "--eval-seqlen",
+    "--eval-windows",
+    "--eval-batch-size",
+    "--dtype",
+    "--device",
+    "--revision",
+    "--trust-remote-code",
+    "--exclude",
+    "--override",
+    "--magnitude-scope",
+    "--wanda-alpha-search",
+    "--blocksize",
+    "--percdamp",
+    "--true-sequential",
+    "--propagate",
+    "--schedule",
+    "--schedule-values",
+    "--schedule-first",
+    "--schedule-last",
+    "--owl-m",
+    "--owl-lambda",
+    "--structure-mlp",
+    "--structure-heads",
+    "--structure-blocks",
+    "--structure-score",
+    "--bias-compensation",
+    "--save-model",
+    "--masks",
+    "--compact",
+    "--json",
 ]
 
 
 def test_help_lists_every_flag_with_the_fields_defaults():
-    r = subprocess.run([sys.executable, "-m", "cli", "prune", "--help"], capture_output=True, text=True,
-                       timeout=300, env={**os.environ, "COLUMNS": "250"})
+    r = subprocess.run(
+        [sys.executable, "-m", "cli", "prune", "--help"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "COLUMNS": "250"},
+    )
     assert r.returncode == 0
     missing = [f for f in HISTORICAL_FLAGS if f" {f} " not in r.stdout]
     assert not missing and "[default: 0.01]" in r.stdout and "magnitude | sparsegpt | wanda" in r.stdout, missing
 
 
 def test_a_typo_in_the_calibration_path_is_one_line_before_any_loading(tiny_model, tmp_path):
-    r = cli("--model", tiny_model("llama"), "--sparsity", "0.5", "--calibration", tmp_path / "calbration.txt",
-            "--out", tmp_path / "o")
+    r = cli(
+        "--model",
+        tiny_model("llama"),
+        "--sparsity",
+        "0.5",
+        "--calibration",
+        tmp_path / "calbration.txt",
+        "--out",
+        tmp_path / "o",
+    )
     assert r.returncode == 2 and "Traceback" not in r.stderr
     [line] = [ln for ln in r.stderr.splitlines() if ln.strip()]
     assert line.startswith("error: --calibration:") and "calbration.txt" in line
@@ -94,8 +172,18 @@ def test_a_typo_in_the_calibration_path_is_one_line_before_any_loading(tiny_mode
 def test_every_problem_is_listed(tmp_path):
     (tmp_path / "o").mkdir()
     (tmp_path / "o" / "keep").write_text("x")
-    r = cli("--model", tmp_path / "nope", "--sparsity", "0.5", "--calibration", tmp_path / "typo.txt",
-            "--eval", tmp_path / "typo.txt", "--out", tmp_path / "o")
+    r = cli(
+        "--model",
+        tmp_path / "nope",
+        "--sparsity",
+        "0.5",
+        "--calibration",
+        tmp_path / "typo.txt",
+        "--eval",
+        tmp_path / "typo.txt",
+        "--out",
+        tmp_path / "o",
+    )
     assert r.returncode == 2 and "Traceback" not in r.stderr
     assert "4 problems" in r.stderr
     for flag in ("--model", "--calibration", "--eval", "--out"):
@@ -103,15 +191,42 @@ def test_every_problem_is_listed(tmp_path):
 
 
 def test_a_setting_of_another_method_is_refused(tiny_model, tmp_path):
-    r = cli("--model", tiny_model("llama"), "--method", "wanda", "--percdamp", "0.05", "--sparsity", "0.5",
-            "--out", tmp_path / "o")
+    r = cli(
+        "--model",
+        tiny_model("llama"),
+        "--method",
+        "wanda",
+        "--percdamp",
+        "0.05",
+        "--sparsity",
+        "0.5",
+        "--out",
+        tmp_path / "o",
+    )
     assert r.returncode == 2 and "--percdamp: a setting of sparsegpt" in r.stderr
 
 
 def test_json_prints_the_metrics(tiny_model, tmp_path):
     src = tiny_model("llama")
-    r = cli("--model", src, "--method", "sparsegpt", "--percdamp", "0.05", "--sparsity", "0.5", "--calibration",
-            src / "calibration.txt", "--nsamples", 4, "--seqlen", 32, "--out", tmp_path / "o", "--json")
+    r = cli(
+        "--model",
+        src,
+        "--method",
+        "sparsegpt",
+        "--percdamp",
+        "0.05",
+        "--sparsity",
+        "0.5",
+        "--calibration",
+        src / "calibration.txt",
+        "--nsamples",
+        4,
+        "--seqlen",
+        32,
+        "--out",
+        tmp_path / "o",
+        "--json",
+    )
     assert r.returncode == 0, r.stderr
     metrics = json.loads(r.stdout)
     assert metrics["config"]["method_options"] == {"blocksize": 128, "percdamp": 0.05}

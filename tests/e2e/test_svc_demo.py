@@ -1,5 +1,6 @@
 """The README's first command, on the embedded defaults (SQLite, SQLite-backed broker, local artifacts):
 API and worker as separate processes, a real job over HTTP, artifacts downloaded and verified."""
+
 from __future__ import annotations
 
 import os
@@ -17,10 +18,18 @@ pytestmark = pytest.mark.slow
 def test_demo_runs_end_to_end_on_embedded_defaults(stories260k: Path, text_dir: Path, tmp_path: Path):
     env = {k: v for k, v in os.environ.items() if not k.startswith("SECATEURS_")}
     env["SECATEURS_SHARED_DIR"] = str(stories260k.parents[1])
-    r = subprocess.run([sys.executable, "-m", "cli.demo", "--data-dir", str(tmp_path / "var"), "--port", "0"],
-                       cwd=ROOT, env=env, capture_output=True, text=True, timeout=240)
+    r = subprocess.run(
+        [sys.executable, "-m", "cli.demo", "--data-dir", str(tmp_path / "var"), "--port", "0"],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=240,
+    )
     out = r.stdout + r.stderr
-    assert r.returncode == 0, out[-4000:] + "".join(p.read_text()[-3000:] for p in (tmp_path / "var" / "logs").glob("*.log"))
+    assert r.returncode == 0, out[-4000:] + "".join(
+        p.read_text()[-3000:] for p in (tmp_path / "var" / "logs").glob("*.log")
+    )
     assert "status -> succeeded" in out
     assert "every sha256 verified" in out
     assert "linear-layer sparsity 0.5" in out
@@ -32,8 +41,14 @@ def test_demo_without_shared_assets_builds_its_own_model(tmp_path: Path):
     """A user's fresh clone has no ../shared and maybe no internet: the demo still runs end to end."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("SECATEURS_")}
     env["SECATEURS_SHARED_DIR"] = str(tmp_path / "no-such-dir")
-    r = subprocess.run([sys.executable, "-m", "cli.demo", "--data-dir", str(tmp_path / "var"), "--port", "0"],
-                       cwd=ROOT, env=env, capture_output=True, text=True, timeout=240)
+    r = subprocess.run(
+        [sys.executable, "-m", "cli.demo", "--data-dir", str(tmp_path / "var"), "--port", "0"],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=240,
+    )
     out = r.stdout + r.stderr
     assert r.returncode == 0, out[-4000:]
     assert "building a small random-init Llama" in out and "every sha256 verified" in out

@@ -1,5 +1,6 @@
 """End to end on the production-shaped stack: Postgres, Redis, S3 (moto server over HTTP), the API under
 uvicorn and real Celery worker processes. Tiny models, so each job takes seconds."""
+
 from __future__ import annotations
 
 import hashlib
@@ -40,9 +41,23 @@ class Stack:
         if via_cli:  # `secateurs service worker`
             cmd = [sys.executable, "-c", "from cli.app import main; main()", "service", "worker", "--hostname", name]
         else:
-            cmd = [sys.executable, "-m", "celery", "-A", "worker.main", "worker", "--loglevel=INFO", "--pool=prefork",
-                   "--concurrency=1", "-Q", self.env["SECATEURS_QUEUE"], "--without-gossip", "--without-mingle",
-                   "--without-heartbeat", f"--hostname={name}"]
+            cmd = [
+                sys.executable,
+                "-m",
+                "celery",
+                "-A",
+                "worker.main",
+                "worker",
+                "--loglevel=INFO",
+                "--pool=prefork",
+                "--concurrency=1",
+                "-Q",
+                self.env["SECATEURS_QUEUE"],
+                "--without-gossip",
+                "--without-mingle",
+                "--without-heartbeat",
+                f"--hostname={name}",
+            ]
         p = subprocess.Popen(cmd, cwd=ROOT, env=self.env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
         self.workers.append(p)
         return p
@@ -76,8 +91,15 @@ def _slow_model(dest: Path, tokenizer_src: Path) -> Path:
 
     tok = AutoTokenizer.from_pretrained(tokenizer_src)
     torch.manual_seed(0)
-    cfg = LlamaConfig(hidden_size=128, intermediate_size=512, num_hidden_layers=24, num_attention_heads=4,
-                      num_key_value_heads=2, vocab_size=len(tok), max_position_embeddings=256)
+    cfg = LlamaConfig(
+        hidden_size=128,
+        intermediate_size=512,
+        num_hidden_layers=24,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=len(tok),
+        max_position_embeddings=256,
+    )
     LlamaForCausalLM(cfg).save_pretrained(dest)
     tok.save_pretrained(dest)
     return dest
@@ -101,17 +123,31 @@ def stack(pg_database: str, moto_server: str, stories260k: Path, text_dir: Path,
     _slow_model(models / "slow", stories260k)
     queue = f"secateurs-e2e-{uuid.uuid4().hex[:8]}"
     env = {k: v for k, v in os.environ.items() if not k.startswith("SECATEURS_")}
-    env.update({
-        "SECATEURS_ENV": "test", "SECATEURS_DATA_DIR": str(tmp / "var"), "SECATEURS_DATABASE_URL": pg_database,
-        "SECATEURS_BROKER_URL": REDIS_URL, "SECATEURS_QUEUE": queue, "SECATEURS_STORAGE_BACKEND": "s3",
-        "SECATEURS_S3_BUCKET": BUCKET, "SECATEURS_S3_ENDPOINT_URL": moto_server,
-        "SECATEURS_S3_PUBLIC_ENDPOINT_URL": moto_server, "SECATEURS_S3_ACCESS_KEY_ID": "testing",
-        "SECATEURS_S3_SECRET_ACCESS_KEY": "testing", "SECATEURS_SECRET_KEY": "e2e-secret",
-        "SECATEURS_ALLOWED_MODEL_ROOTS": str(models), "SECATEURS_LEASE_SECONDS": "3",
-        "SECATEURS_REAPER_INTERVAL_SECONDS": "1", "SECATEURS_MAX_ATTEMPTS": "3", "SECATEURS_DEVICE": "cpu",
-        "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "2",
-        "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""),
-    })
+    env.update(
+        {
+            "SECATEURS_ENV": "test",
+            "SECATEURS_DATA_DIR": str(tmp / "var"),
+            "SECATEURS_DATABASE_URL": pg_database,
+            "SECATEURS_BROKER_URL": REDIS_URL,
+            "SECATEURS_QUEUE": queue,
+            "SECATEURS_STORAGE_BACKEND": "s3",
+            "SECATEURS_S3_BUCKET": BUCKET,
+            "SECATEURS_S3_ENDPOINT_URL": moto_server,
+            "SECATEURS_S3_PUBLIC_ENDPOINT_URL": moto_server,
+            "SECATEURS_S3_ACCESS_KEY_ID": "testing",
+            "SECATEURS_S3_SECRET_ACCESS_KEY": "testing",
+            "SECATEURS_SECRET_KEY": "e2e-secret",
+            "SECATEURS_ALLOWED_MODEL_ROOTS": str(models),
+            "SECATEURS_LEASE_SECONDS": "3",
+            "SECATEURS_REAPER_INTERVAL_SECONDS": "1",
+            "SECATEURS_MAX_ATTEMPTS": "3",
+            "SECATEURS_DEVICE": "cpu",
+            "HF_HUB_OFFLINE": "1",
+            "TOKENIZERS_PARALLELISM": "false",
+            "OMP_NUM_THREADS": "2",
+            "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""),
+        }
+    )
     storage = S3Storage(BUCKET, endpoint_url=moto_server, access_key_id="testing", secret_access_key="testing")
     storage.ensure_bucket()
     settings = Settings(_env_file=None, database_url=pg_database, secret_key="e2e-secret")
@@ -120,9 +156,25 @@ def stack(pg_database: str, moto_server: str, stories260k: Path, text_dir: Path,
         _, key = create_key(s, tenant, settings.pepper)
     port = _free_port()
     api = subprocess.Popen(
-        [sys.executable, "-m", "uvicorn", "api.app:create_app", "--factory", "--host", "127.0.0.1", "--port", str(port),
-         "--log-level", "warning"],
-        cwd=ROOT, env=env, stdout=open(tmp / "api.log", "w"), stderr=subprocess.STDOUT, start_new_session=True)
+        [
+            sys.executable,
+            "-m",
+            "uvicorn",
+            "api.app:create_app",
+            "--factory",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--log-level",
+            "warning",
+        ],
+        cwd=ROOT,
+        env=env,
+        stdout=open(tmp / "api.log", "w"),
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
     st = Stack(f"http://127.0.0.1:{port}", {"Authorization": f"Bearer {key}"}, env, tmp, tenant)
     st.storage = storage  # type: ignore[attr-defined]
     st.models = models  # type: ignore[attr-defined]
@@ -178,8 +230,12 @@ def in_prune(j: dict) -> bool:
 
 def _slow_job_in_prune(c: httpx.Client, st: Stack, method: str) -> str:
     """Submit a job on the slow model and wait until it is pruning its second block; its id."""
-    body = {"model": str(st.models / "slow"), "method": method, "sparsity": 0.5,  # type: ignore[attr-defined]
-            "calibration": {"texts": _texts(st), "nsamples": 32, "seqlen": 128}}
+    body = {
+        "model": str(st.models / "slow"),
+        "method": method,
+        "sparsity": 0.5,  # type: ignore[attr-defined]
+        "calibration": {"texts": _texts(st), "nsamples": 32, "seqlen": 128},
+    }
     jid = c.post("/v1/pruning-jobs", json=body).json()["id"]
     wait_for(c, jid, in_prune, st=st)
     return jid
@@ -203,12 +259,25 @@ def linear_sparsity(path: Path) -> tuple[float, list]:
 @pytest.mark.parametrize("spec", [{"sparsity": 0.5}, {"pattern": "2:4"}], ids=["unstructured-50", "2of4"])
 def test_job_succeeds_and_every_artifact_verifies(stack: Stack, spec: dict, tmp_path: Path):
     with stack.client() as c:
-        cal = c.post("/v1/calibration-sets", files={"file": ("cal.jsonl", "\n".join(
-            f'{{"text": {__import__("json").dumps(t)}}}' for t in _texts(stack)[0].split("\n\n")[:200]).encode())})
+        cal = c.post(
+            "/v1/calibration-sets",
+            files={
+                "file": (
+                    "cal.jsonl",
+                    "\n".join(
+                        f'{{"text": {__import__("json").dumps(t)}}}' for t in _texts(stack)[0].split("\n\n")[:200]
+                    ).encode(),
+                )
+            },
+        )
         assert cal.status_code == 201, cal.text
-        body = {"model": str(stack.models / "stories260k"), "method": "wanda", **spec,  # type: ignore[attr-defined]
-                "calibration": {"calibration_set_id": cal.json()["id"], "nsamples": 8, "seqlen": 64},
-                "metadata": {"case": "e2e"}}
+        body = {
+            "model": str(stack.models / "stories260k"),
+            "method": "wanda",
+            **spec,  # type: ignore[attr-defined]
+            "calibration": {"calibration_set_id": cal.json()["id"], "nsamples": 8, "seqlen": 64},
+            "metadata": {"case": "e2e"},
+        }
         t0 = time.perf_counter()
         r = c.post("/v1/pruning-jobs", json=body)
         assert r.status_code == 201, r.text
@@ -271,8 +340,12 @@ def test_sigkill_worker_mid_job_and_the_next_worker_finishes_it(stack: Stack):
 
 
 def test_bad_inputs_get_named_4xx_or_a_failed_job_with_the_right_code(stack: Stack):
-    ok = {"model": str(stack.models / "stories260k"), "method": "wanda", "sparsity": 0.5,  # type: ignore[attr-defined]
-          "calibration": {"texts": ["once upon a time"], "nsamples": 4, "seqlen": 32}}
+    ok = {
+        "model": str(stack.models / "stories260k"),
+        "method": "wanda",
+        "sparsity": 0.5,  # type: ignore[attr-defined]
+        "calibration": {"texts": ["once upon a time"], "nsamples": 4, "seqlen": 32},
+    }
     cases = [
         ({"sparsity": 1.5}, "sparsity"),
         ({"sparsity": None, "pattern": "4:4"}, "pattern"),
@@ -304,8 +377,12 @@ def test_model_from_an_s3_uri(stack: Stack):
     for f in src.iterdir():
         storage.client.upload_file(str(f), BUCKET, f"models/stories260k/{f.name}")
     with stack.client() as c:
-        body = {"model": f"s3://{BUCKET}/models/stories260k/", "method": "magnitude", "sparsity": 0.3,
-                "calibration": {"texts": _texts(stack), "nsamples": 2, "seqlen": 16}}
+        body = {
+            "model": f"s3://{BUCKET}/models/stories260k/",
+            "method": "magnitude",
+            "sparsity": 0.3,
+            "calibration": {"texts": _texts(stack), "nsamples": 2, "seqlen": 16},
+        }
         r = c.post("/v1/pruning-jobs", json=body)
         assert r.status_code == 201, r.text
         job = wait_for(c, r.json()["id"], terminal, st=stack)
@@ -324,9 +401,14 @@ def test_structured_job_with_owl_schedule_gives_a_smaller_model(stack: Stack, tm
     from transformers import AutoModelForCausalLM
 
     with stack.client() as c:
-        body = {"model": str(stack.models / "stories260k"), "method": "wanda", "sparsity": 0.5,  # type: ignore[attr-defined]
-                "schedule": {"kind": "owl"}, "structure": {"mlp_channels": 0.25, "blocks": 0.2},
-                "calibration": {"texts": _texts(stack), "nsamples": 8, "seqlen": 64}}
+        body = {
+            "model": str(stack.models / "stories260k"),
+            "method": "wanda",
+            "sparsity": 0.5,  # type: ignore[attr-defined]
+            "schedule": {"kind": "owl"},
+            "structure": {"mlp_channels": 0.25, "blocks": 0.2},
+            "calibration": {"texts": _texts(stack), "nsamples": 8, "seqlen": 64},
+        }
         r = c.post("/v1/pruning-jobs", json=body)
         assert r.status_code == 201, r.text
         job = wait_for(c, r.json()["id"], terminal, st=stack)

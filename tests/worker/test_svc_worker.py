@@ -1,4 +1,5 @@
 """Worker-side job logic against a real database: atomic claim, fencing, lost-job sweep, failure codes."""
+
 from __future__ import annotations
 
 from datetime import timedelta
@@ -19,8 +20,15 @@ from core.settings import Settings
 @pytest.fixture
 def env(db_url: str, tmp_path: Path):  # noqa: ANN201
     (tmp_path / "models" / "empty").mkdir(parents=True)
-    s = Settings(_env_file=None, env="test", data_dir=tmp_path / "var", database_url=db_url,
-                 allowed_model_roots=[tmp_path / "models"], max_attempts=2, lease_seconds=30)
+    s = Settings(
+        _env_file=None,
+        env="test",
+        data_dir=tmp_path / "var",
+        database_url=db_url,
+        allowed_model_roots=[tmp_path / "models"],
+        max_attempts=2,
+        lease_seconds=30,
+    )
     s.ensure_dirs()
     with session_scope(db_url) as sess:
         tid = create_tenant(sess, "w").id
@@ -125,10 +133,13 @@ def test_worker_does_nothing_for_finished_or_cancelled_jobs(env):  # noqa: ANN00
     assert job.status == "cancelled" and job.attempt == 0
 
 
-@pytest.mark.parametrize(("model", "code"), [
-    ("nonexistent-org/nonexistent-model-xyz", "model_not_found"),
-    ("EMPTY_DIR", ("model_not_found", "invalid_model")),
-])
+@pytest.mark.parametrize(
+    ("model", "code"),
+    [
+        ("nonexistent-org/nonexistent-model-xyz", "model_not_found"),
+        ("EMPTY_DIR", ("model_not_found", "invalid_model")),
+    ],
+)
 def test_failures_end_failed_with_a_code(env, monkeypatch, model, code):  # noqa: ANN001
     import huggingface_hub.constants
 

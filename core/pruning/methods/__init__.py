@@ -1,4 +1,5 @@
 """Pruning methods: each module defines one `Method` subclass, registered by its `name`."""
+
 from __future__ import annotations
 
 import importlib

@@ -1,4 +1,5 @@
 """The one small interface every pruning method implements. A new method is one file in this package."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field

@@ -1,6 +1,7 @@
 """SparseGPT (Frantar & Alistarh, 2023): prune column by column with OBS updates through the Cholesky
 factor of the damped inverse Hessian, in blocks of `blocksize` columns. The factorisation, computed in place
 for memory, is in core/pruning/linalg.py."""
+
 from __future__ import annotations
 
 import torch

@@ -1,4 +1,5 @@
 """Wanda (Sun et al., 2023): S_ij = |W_ij| · ‖X_j‖₂, compared within each output row; no weight update."""
+
 from __future__ import annotations
 
 from typing import TYPE_CHECKING

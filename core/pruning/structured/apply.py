@@ -3,6 +3,7 @@ walker) collects block influence and channel statistics; then whole blocks go, t
 groups in every remaining block. The result is a smaller dense model that stock transformers loads from its
 edited config. Configs hold one intermediate size and one head count for all blocks, so every block loses the
 same number of channels/heads (chosen per block by score)."""
+
 from __future__ import annotations
 
 import time
@@ -42,15 +43,22 @@ def plan(model: nn.Module, cfg: StructureConfig) -> dict[str, Any]:
         k = _count(cfg.mlp_channels, n)
         ref = arch.reference(model, arch.edited(conf, **{spec.size_key: n - k}))
         if arch.shapes_in_block0(ref, [spec.out])[spec.out] != (hidden, n - k):
-            raise InvalidModelError(f"config key {spec.size_key!r} does not set the MLP width of {type(model).__name__}")
-        p["mlp"] = {"spec": spec, "before": n, "remove": k,
-                    "compensate": cfg.bias_compensation and _bias_ok(model, spec.out, spec.bias_flag, p, "MLP")}
+            raise InvalidModelError(
+                f"config key {spec.size_key!r} does not set the MLP width of {type(model).__name__}"
+            )
+        p["mlp"] = {
+            "spec": spec,
+            "before": n,
+            "remove": k,
+            "compensate": cfg.bias_compensation and _bias_ok(model, spec.out, spec.bias_flag, p, "MLP"),
+        }
     if cfg.heads:
         attn = arch.find_attn(b0)
         if attn is None:
             raise InvalidModelError(
                 f"{type(model).__name__}: attention heads cannot be removed: its config derives head_dim from "
-                "hidden_size / num_attention_heads (or fuses q, k, v), so stock transformers could not load fewer heads")
+                "hidden_size / num_attention_heads (or fuses q, k, v), so stock transformers could not load fewer heads"
+            )
         h, kv, hd = arch.head_layout(conf)
         want = _count(cfg.heads, kv)
         removed: int | None = None
@@ -66,21 +74,29 @@ def plan(model: nn.Module, cfg: StructureConfig) -> dict[str, Any]:
             raise InvalidModelError(f"{type(model).__name__}: no head count below {h} can be saved: {why}")
         if removed != want:
             p["notes"].append(f"heads: {want} of {kv} key/value groups requested, {removed} removed instead ({why})")
-        p["attn"] = {"spec": attn, "layout": (h, kv, hd), "remove": removed, "requested": want,
-                     "compensate": cfg.bias_compensation and _bias_ok(model, attn.o, attn.bias_flag, p, "attention")}
+        p["attn"] = {
+            "spec": attn,
+            "layout": (h, kv, hd),
+            "remove": removed,
+            "requested": want,
+            "compensate": cfg.bias_compensation and _bias_ok(model, attn.o, attn.bias_flag, p, "attention"),
+        }
         if kv < h:
-            p["notes"].append(f"grouped-query attention: removing {removed} of {kv} key/value groups, each with its "
-                              f"{h // kv} query heads")
+            p["notes"].append(
+                f"grouped-query attention: removing {removed} of {kv} key/value groups, each with its "
+                f"{h // kv} query heads"
+            )
     if cfg.heads or cfg.mlp_channels:
-        p["notes"].append("the config holds one size for all blocks: every block loses the same number of "
-                          "channels/heads, chosen per block by score")
+        p["notes"].append(
+            "the config holds one size for all blocks: every block loses the same number of "
+            "channels/heads, chosen per block by score"
+        )
     return p
 
 
 def _check_heads(model: nn.Module, spec: arch.Attn, h2: int, kv2: int, hd: int) -> None:
     _, blocks = models.find_blocks(model)
-    ref = arch.reference(model, arch.edited(model.config, num_attention_heads=h2, num_key_value_heads=kv2,
-                                            head_dim=hd))
+    ref = arch.reference(model, arch.edited(model.config, num_attention_heads=h2, num_key_value_heads=kv2, head_dim=hd))
     got = arch.shapes_in_block0(ref, [spec.q, spec.k, spec.o])
     hidden = models.get_weight(blocks[0].get_submodule(spec.o)).shape[0]
     if got != {spec.q: (h2 * hd, hidden), spec.k: (kv2 * hd, hidden), spec.o: (hidden, h2 * hd)}:
@@ -98,8 +114,16 @@ def _bias_ok(model: nn.Module, out: str, flag: str | None, p: dict, what: str) -
     return False
 
 
-def collect(model: nn.Module, tokens: torch.Tensor, p: dict, *, device: torch.device, batch_size: int,
-            on_progress: ProgressFn, should_stop: StopFn) -> tuple[list[float], list[dict[str, ChannelStats]]]:
+def collect(
+    model: nn.Module,
+    tokens: torch.Tensor,
+    p: dict,
+    *,
+    device: torch.device,
+    batch_size: int,
+    on_progress: ProgressFn,
+    should_stop: StopFn,
+) -> tuple[list[float], list[dict[str, ChannelStats]]]:
     """Dense pass, one block on the device at a time: influence of each block, statistics of the inputs of each
     block's MLP output projection and attention output projection."""
     n_blocks = len(models.find_blocks(model)[1])
@@ -115,33 +139,53 @@ def collect(model: nn.Module, tokens: torch.Tensor, p: dict, *, device: torch.de
             bi.add(h_in, h_out)
         influence.append(bi.value)
         stats.append(st)
-        on_progress(Progress("structure", f"statistics of block {i + 1}/{n_blocks}", block=i,
-                             total_blocks=n_blocks, data={"influence": bi.value}))
+        on_progress(
+            Progress(
+                "structure",
+                f"statistics of block {i + 1}/{n_blocks}",
+                block=i,
+                total_blocks=n_blocks,
+                data={"influence": bi.value},
+            )
+        )
         return outs
 
     walk_blocks(model, tokens, measure_block, device=device, batch_size=batch_size, should_stop=should_stop)
     return influence, stats
 
 
-def apply_structure(model: nn.Module, tokens: torch.Tensor, cfg: StructureConfig, *,
-                    device: torch.device | str | None = None, batch_size: int = 8,
-                    on_progress: ProgressFn = no_progress, should_stop: StopFn = never_stop,
-                    evaluate: Callable[[nn.Module], float] | None = None, measure_speed: bool = False,
-                    speed: dict | None = None) -> dict[str, Any]:
+def apply_structure(
+    model: nn.Module,
+    tokens: torch.Tensor,
+    cfg: StructureConfig,
+    *,
+    device: torch.device | str | None = None,
+    batch_size: int = 8,
+    on_progress: ProgressFn = no_progress,
+    should_stop: StopFn = never_stop,
+    evaluate: Callable[[nn.Module], float] | None = None,
+    measure_speed: bool = False,
+    speed: dict | None = None,
+) -> dict[str, Any]:
     """Prune `model` in place. tokens: calibration windows [n, seqlen]. evaluate(model) -> perplexity, if given,
     runs before and after; measure_speed times prefill/decode before and after (kwargs of generation_speed in
     `speed`). Returns the metrics."""
     device = torch.device(device or "cpu")
     p = plan(model, cfg)
-    m: dict[str, Any] = {"config": cfg.model_dump(), "notes": p["notes"],
-                         "params_before": models.count_params(model), "weight_bytes_before": weight_bytes(model)}
+    m: dict[str, Any] = {
+        "config": cfg.model_dump(),
+        "notes": p["notes"],
+        "params_before": models.count_params(model),
+        "weight_bytes_before": weight_bytes(model),
+    }
     if evaluate:
         m["perplexity_before"] = evaluate(model)
     if measure_speed:
         m["speed_before"] = generation_speed(model, **(speed or {}))
     t0 = time.perf_counter()
-    influence, stats = collect(model, tokens, p, device=device, batch_size=batch_size,
-                               on_progress=on_progress, should_stop=should_stop)
+    influence, stats = collect(
+        model, tokens, p, device=device, batch_size=batch_size, on_progress=on_progress, should_stop=should_stop
+    )
     m["block_influence"] = influence
 
     removed_blocks = depth.least_influential(influence, p["blocks_remove"])
@@ -159,21 +203,35 @@ def apply_structure(model: nn.Module, tokens: torch.Tensor, cfg: StructureConfig
         for i, b in enumerate(blocks):
             width.prune_mlp(b, q["spec"], stats[i].get("mlp"), q["remove"], cfg.score, q["compensate"])
         setattr(conf, q["spec"].size_key, q["before"] - q["remove"])
-        m["mlp"] = {"before": q["before"], "after": q["before"] - q["remove"], "removed_per_block": q["remove"],
-                    "config_key": q["spec"].size_key, "bias_compensation": q["compensate"]}
+        m["mlp"] = {
+            "before": q["before"],
+            "after": q["before"] - q["remove"],
+            "removed_per_block": q["remove"],
+            "config_key": q["spec"].size_key,
+            "bias_compensation": q["compensate"],
+        }
     if p["attn"]:
         q = p["attn"]
         h, kv, hd = q["layout"]
-        gone = [width.prune_heads(b, q["spec"], stats[i].get("attn"), q["remove"], q["layout"], cfg.score,
-                                  q["compensate"]) for i, b in enumerate(blocks)]
+        gone = [
+            width.prune_heads(b, q["spec"], stats[i].get("attn"), q["remove"], q["layout"], cfg.score, q["compensate"])
+            for i, b in enumerate(blocks)
+        ]
         conf.num_attention_heads = h - q["remove"] * (h // kv)
         if hasattr(conf, "num_key_value_heads"):
             conf.num_key_value_heads = kv - q["remove"]
         conf.head_dim = hd
-        m["heads"] = {"heads_before": h, "heads_after": conf.num_attention_heads, "kv_heads_before": kv,
-                      "kv_heads_after": kv - q["remove"], "kv_groups_requested": q["requested"],
-                      "kv_groups_removed": q["remove"], "head_dim": hd, "removed_groups": gone,
-                      "bias_compensation": q["compensate"]}
+        m["heads"] = {
+            "heads_before": h,
+            "heads_after": conf.num_attention_heads,
+            "kv_heads_before": kv,
+            "kv_heads_after": kv - q["remove"],
+            "kv_groups_requested": q["requested"],
+            "kv_groups_removed": q["remove"],
+            "head_dim": hd,
+            "removed_groups": gone,
+            "bias_compensation": q["compensate"],
+        }
     arch.sync_with_reference(model)
     m["uniform_per_block"] = bool(p["mlp"] or p["attn"])
     m["seconds"] = time.perf_counter() - t0
@@ -184,6 +242,7 @@ def apply_structure(model: nn.Module, tokens: torch.Tensor, cfg: StructureConfig
         m["perplexity_after"] = evaluate(model)
     if measure_speed:
         m["speed_after"] = generation_speed(model, **(speed or {}))
-    on_progress(Progress("structure", "done", data={"params_before": m["params_before"],
-                                                    "params_after": m["params_after"]}))
+    on_progress(
+        Progress("structure", "done", data={"params_before": m["params_before"], "params_after": m["params_after"]})
+    )
     return m

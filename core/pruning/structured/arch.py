@@ -1,5 +1,6 @@
 """Where the removable channels live in each architecture, how to cut layers, and whether stock transformers
 can load the result (checked by building the model from the edited config on the meta device)."""
+
 from __future__ import annotations
 
 import copy
@@ -38,9 +39,7 @@ MLPS = (
     Mlp(("mlp.dense_h_to_4h",), "mlp.dense_4h_to_h", "intermediate_size"),  # GPT-NeoX
     Mlp(("intermediate.dense",), "output.dense", "intermediate_size"),  # BERT
 )
-ATTNS = (
-    Attn("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj", "attention_bias"),
-)
+ATTNS = (Attn("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj", "attention_bias"),)
 PER_LAYER_KEYS = ("layer_types",)  # config lists with one entry per block
 
 
@@ -69,6 +68,7 @@ def head_layout(config) -> tuple[int, int, int]:
 
 
 # ------------------------------------------------------------------------------------------ cutting
+
 
 def _param(t: torch.Tensor, like: nn.Parameter) -> nn.Parameter:
     return nn.Parameter(t.contiguous(), requires_grad=like.requires_grad)
@@ -100,12 +100,15 @@ def keep_inputs(layer: Any, idx: torch.Tensor) -> None:
 
 def add_to_bias(layer: Any, delta: torch.Tensor) -> None:
     if layer.bias is None:
-        layer.bias = nn.Parameter(torch.zeros(delta.shape[0], dtype=layer.weight.dtype, device=layer.weight.device),
-                                  requires_grad=layer.weight.requires_grad)
+        layer.bias = nn.Parameter(
+            torch.zeros(delta.shape[0], dtype=layer.weight.dtype, device=layer.weight.device),
+            requires_grad=layer.weight.requires_grad,
+        )
     layer.bias.data += delta.to(layer.bias.dtype)
 
 
 # ------------------------------------------------------------------------------- what transformers loads
+
 
 def reference(model: nn.Module, config) -> nn.Module:
     """The model stock transformers builds from `config`, on the meta device (no memory)."""
@@ -114,7 +117,8 @@ def reference(model: nn.Module, config) -> nn.Module:
             return type(model)(config)
         except Exception as e:  # noqa: BLE001 - any failure means the config cannot express the model
             raise InvalidModelError(
-                f"transformers cannot build {type(model).__name__} from the edited config: {e}") from e
+                f"transformers cannot build {type(model).__name__} from the edited config: {e}"
+            ) from e
 
 
 def edited(config, **changes):
@@ -160,5 +164,7 @@ def sync_with_reference(model: nn.Module) -> None:
     missing = [k for k in theirs.keys() - ours.keys() if not k.endswith(("inv_freq", "masked_bias", ".attn.bias"))]
     if bad or missing:
         k = (bad or missing)[0]
-        raise InvalidModelError(f"the pruned model does not match what transformers builds from its config: {k} "
-                                f"{ours.get(k)} vs {theirs.get(k)}")
+        raise InvalidModelError(
+            f"the pruned model does not match what transformers builds from its config: {k} "
+            f"{ours.get(k)} vs {theirs.get(k)}"
+        )

@@ -1,4 +1,5 @@
 """Depth pruning: remove whole blocks ranked by ShortGPT block influence (lowest first)."""
+
 from __future__ import annotations
 
 from typing import Any, cast

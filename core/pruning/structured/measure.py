@@ -1,4 +1,5 @@
 """What a user asks of a smaller model: parameters, bytes on disk, and measured generation speed."""
+
 from __future__ import annotations
 
 import inspect
@@ -35,8 +36,9 @@ def can_generate(model: nn.Module) -> bool:
 
 
 @torch.inference_mode()
-def generation_speed(model: nn.Module, prompt_len: int = 128, new_tokens: int = 64, repeats: int = 3,
-                     seed: int = 0, warmup: int = 2) -> dict | None:
+def generation_speed(
+    model: nn.Module, prompt_len: int = 128, new_tokens: int = 64, repeats: int = 3, seed: int = 0, warmup: int = 2
+) -> dict | None:
     """Median tokens/s of prefill (one forward over a prompt) and greedy decode with the KV cache, batch 1.
     None for models that cannot generate (encoders)."""
     if not can_generate(model):
@@ -75,8 +77,15 @@ def generation_speed(model: nn.Module, prompt_len: int = 128, new_tokens: int = 
     model.train(was_training)
     pre, dec, cpre, cdec = (statistics.median(r[i] for r in runs) for i in range(4))
     # per second of this process's CPU time (all its threads): steadier than wall time on a shared machine
-    return {"prefill_tokens_per_s": prompt_len / pre, "decode_tokens_per_s": new_tokens / dec,
-            "prefill_tokens_per_cpu_s": prompt_len / max(cpre, 1e-9),
-            "decode_tokens_per_cpu_s": new_tokens / max(cdec, 1e-9),
-            "prompt_len": prompt_len, "new_tokens": new_tokens, "batch": 1, "repeats": repeats,
-            "threads": torch.get_num_threads(), "device": str(dev)}
+    return {
+        "prefill_tokens_per_s": prompt_len / pre,
+        "decode_tokens_per_s": new_tokens / dec,
+        "prefill_tokens_per_cpu_s": prompt_len / max(cpre, 1e-9),
+        "decode_tokens_per_cpu_s": new_tokens / max(cdec, 1e-9),
+        "prompt_len": prompt_len,
+        "new_tokens": new_tokens,
+        "batch": 1,
+        "repeats": repeats,
+        "threads": torch.get_num_threads(),
+        "device": str(dev),
+    }

@@ -9,6 +9,7 @@ removing it adds to the block output, treating channels as uncorrelated:
     weight:                        S_g = ‖W[:, g]‖_F · Π_k ‖W_in_k[g, :]‖_F  (weights alone; W_in_k are the
                                    layers producing the channels: gate/up for MLPs, v for heads)
 """
+
 from __future__ import annotations
 
 import torch
@@ -52,8 +53,9 @@ class Influence:
         self.cos_sum, self.count = 0.0, 0
 
     def add(self, h_in: torch.Tensor, h_out: torch.Tensor) -> None:
-        c = nn.functional.cosine_similarity(h_in.float().reshape(-1, h_in.shape[-1]),
-                                            h_out.float().reshape(-1, h_out.shape[-1]), dim=-1)
+        c = nn.functional.cosine_similarity(
+            h_in.float().reshape(-1, h_in.shape[-1]), h_out.float().reshape(-1, h_out.shape[-1]), dim=-1
+        )
         self.cos_sum += float(c.double().sum())
         self.count += c.numel()
 
@@ -62,8 +64,14 @@ class Influence:
         return 1.0 - self.cos_sum / max(self.count, 1)
 
 
-def group_scores(out_layer: nn.Module, in_layers: list[nn.Module], groups: torch.Tensor,
-                 stats: ChannelStats | None, kind: str, compensate: bool) -> torch.Tensor:
+def group_scores(
+    out_layer: nn.Module,
+    in_layers: list[nn.Module],
+    groups: torch.Tensor,
+    stats: ChannelStats | None,
+    kind: str,
+    compensate: bool,
+) -> torch.Tensor:
     """Score of each group; `groups` is [n_groups, channels per group] of input-channel indices of out_layer.
     For the weight score the rows of every in_layer split into equal consecutive runs, one per group in order
     (MLP: row i is channel i; heads: the v rows of key/value head i)."""

@@ -1,4 +1,5 @@
 """Width pruning of one block: drop MLP intermediate channels, or whole key/value groups with their query heads."""
+
 from __future__ import annotations
 
 import torch
@@ -22,8 +23,9 @@ def _compensate(out: nn.Module, channels: torch.Tensor, stats: ChannelStats | No
     arch.add_to_bias(out, (w[:, channels] @ stats.mean[channels].to(w.device)).float())
 
 
-def prune_mlp(block: nn.Module, spec: arch.Mlp, stats: ChannelStats | None, n_remove: int, kind: str,
-              compensate: bool) -> list[int]:
+def prune_mlp(
+    block: nn.Module, spec: arch.Mlp, stats: ChannelStats | None, n_remove: int, kind: str, compensate: bool
+) -> list[int]:
     """Remove the n_remove lowest-scoring intermediate channels; returns their indices."""
     out = block.get_submodule(spec.out)
     ins = [block.get_submodule(n) for n in spec.ins]
@@ -39,8 +41,15 @@ def prune_mlp(block: nn.Module, spec: arch.Mlp, stats: ChannelStats | None, n_re
     return removed
 
 
-def prune_heads(block: nn.Module, spec: arch.Attn, stats: ChannelStats | None, n_remove: int,
-                layout: tuple[int, int, int], kind: str, compensate: bool) -> list[int]:
+def prune_heads(
+    block: nn.Module,
+    spec: arch.Attn,
+    stats: ChannelStats | None,
+    n_remove: int,
+    layout: tuple[int, int, int],
+    kind: str,
+    compensate: bool,
+) -> list[int]:
     """Remove n_remove key/value groups (each with the h/kv query heads that read it); returns the group indices.
     Query head i reads key/value head i // (h/kv), so group g is query heads [g·r, (g+1)·r) with r = h/kv."""
     h, kv, hd = layout

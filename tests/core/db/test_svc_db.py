@@ -1,4 +1,5 @@
 """Migrations, tenant scoping of repositories, API-key hashing; on SQLite and on Postgres."""
+
 from __future__ import annotations
 
 import pytest
@@ -18,13 +19,32 @@ PEPPER = b"pepper"
 def test_schema_comes_from_migrations_and_has_no_drift(db_url: str):
     check(db_url)  # raises when models and the migrated schema differ
     names = set(inspect(get_engine(db_url)).get_table_names())
-    assert {"tenants", "api_keys", "jobs", "job_events", "artifacts", "calibration_sets", "idempotency_keys",
-            "alembic_version"} <= names
+    assert {
+        "tenants",
+        "api_keys",
+        "jobs",
+        "job_events",
+        "artifacts",
+        "calibration_sets",
+        "idempotency_keys",
+        "alembic_version",
+    } <= names
 
 
 def _job(tenant: str) -> Job:
-    return Job(id=new_id("job"), tenant_id=tenant, status="queued", request={}, config={"model": "m"},
-               job_metadata={}, attempt=0, max_attempts=3, cancel_requested=False, event_seq=0, version=1)
+    return Job(
+        id=new_id("job"),
+        tenant_id=tenant,
+        status="queued",
+        request={},
+        config={"model": "m"},
+        job_metadata={},
+        attempt=0,
+        max_attempts=3,
+        cancel_requested=False,
+        event_seq=0,
+        version=1,
+    )
 
 
 def test_repositories_never_cross_tenants(db_url: str):

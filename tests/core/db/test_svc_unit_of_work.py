@@ -1,4 +1,5 @@
 """The unit of work: one commit at the end, rollback on error, after-commit hooks only once committed."""
+
 from __future__ import annotations
 
 import pytest

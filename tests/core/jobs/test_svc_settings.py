@@ -1,4 +1,5 @@
 """Settings: embedded defaults with zero config, env prefix, production refuses defaulted secrets."""
+
 from __future__ import annotations
 
 from pathlib import Path

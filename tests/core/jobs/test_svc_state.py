@@ -5,6 +5,7 @@ and the sweep take, record each transition (with a policy, the way webhooks will
 - each move stamps the job and writes one status event in the same transaction,
 - every other move, terminal states included, is refused and changes nothing.
 """
+
 from __future__ import annotations
 
 import itertools
@@ -41,14 +42,16 @@ def observed(db_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> se
         seen.append(change)
 
     monkeypatch.setattr(state, "AFTER_TRANSITION", [*state.AFTER_TRANSITION, record])
-    s = Settings(_env_file=None, env="test", data_dir=tmp_path / "var", database_url=db_url, max_attempts=2,
-                 lease_seconds=30)
+    s = Settings(
+        _env_file=None, env="test", data_dir=tmp_path / "var", database_url=db_url, max_attempts=2, lease_seconds=30
+    )
     with session_scope(db_url) as sess:
         tid = create_tenant(sess, "state").id
 
     def new() -> str:
-        body = JobCreate.model_validate({"model": "org/tiny", "sparsity": 0.5,
-                                         "calibration": {"texts": ["a b c"], "nsamples": 2, "seqlen": 8}})
+        body = JobCreate.model_validate(
+            {"model": "org/tiny", "sparsity": 0.5, "calibration": {"texts": ["a b c"], "nsamples": 2, "seqlen": 8}}
+        )
         with session_scope(db_url) as sess:
             return JobService(sess, tid, s).create(body).id
 

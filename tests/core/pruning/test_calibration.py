@@ -49,7 +49,7 @@ def test_seqlen_is_capped_at_the_model_limit_and_recorded(tok):
 
 def test_jsonl_documents_and_inline_texts(tok, tmp_path):
     f = tmp_path / "c.jsonl"
-    f.write_text("\n".join(json.dumps({"text": CORPUS[i * 100:(i + 1) * 100]}) for i in range(8)))
+    f.write_text("\n".join(json.dumps({"text": CORPUS[i * 100 : (i + 1) * 100]}) for i in range(8)))
     assert build(tok, source=str(f), nsamples=3, seqlen=16).tokens.shape == (3, 16)
     assert build(tok, texts=[CORPUS], nsamples=3, seqlen=16).tokens.shape == (3, 16)
 
@@ -65,10 +65,13 @@ def test_pretokenised_windows_are_used_exactly(tok, tmp_path):
     assert ((cal.tokens[:, 1:] - cal.tokens[:, :-1]) % 300 == 1).all()  # contiguous slices
 
 
-@pytest.mark.parametrize("content,msg", [
-    ("", "empty"),
-    ("short text", "not more than seqlen"),
-])
+@pytest.mark.parametrize(
+    "content,msg",
+    [
+        ("", "empty"),
+        ("short text", "not more than seqlen"),
+    ],
+)
 def test_bad_text_files_fail_clearly(tok, tmp_path, content, msg):
     f = tmp_path / "c.txt"
     f.write_text(content)

@@ -1,4 +1,5 @@
 """Compact sparse checkpoint: bit-exact round trips, encodings chosen by size, transformers loads the result."""
+
 from __future__ import annotations
 
 import json
@@ -46,8 +47,14 @@ def test_round_trip_bit_exact_state_dict(tmp_path, dtype):
     wu = _unstructured(24, 40, 0.6, dtype, seed=1)
     wu[0, 0], wu[0, 1], wu[0, 2] = -0.0, float("nan"), float("inf")  # odd bit patterns survive
     f8 = _unstructured(24, 40, 0.6, torch.float32, seed=2).to(torch.float8_e4m3fn)  # 1-byte values: stored raw
-    sd = {"a.weight": w24, "b.weight": wu, "dense.weight": torch.randn(8, 8).to(dtype),
-          "norm.weight": torch.ones(8, dtype=dtype), "ids": torch.arange(5), "f8.weight": f8}
+    sd = {
+        "a.weight": w24,
+        "b.weight": wu,
+        "dense.weight": torch.randn(8, 8).to(dtype),
+        "norm.weight": torch.ones(8, dtype=dtype),
+        "ids": torch.arange(5),
+        "f8.weight": f8,
+    }
     summary = compact.pack_checkpoint(sd, tmp_path / "c")
     meta = compact.read_meta(tmp_path / "c")["tensors"]
     assert meta["a.weight"]["encoding"] == "2:4"
@@ -83,8 +90,7 @@ def test_sizes_at_half_sparsity(tmp_path, dtype):
 
 def test_forced_encodings_and_filter(tmp_path):
     w = _two_four(8, 16, torch.float32)
-    compact.pack_checkpoint({"w": w, "x": w.clone()}, tmp_path / "c", encodings=("bitmask",),
-                            only=lambda n: n == "w")
+    compact.pack_checkpoint({"w": w, "x": w.clone()}, tmp_path / "c", encodings=("bitmask",), only=lambda n: n == "w")
     meta = compact.read_meta(tmp_path / "c")["tensors"]
     assert meta["w"]["encoding"] == "bitmask" and meta["x"]["encoding"] == "dense"
     assert _same_bits(compact.unpack_state_dict(tmp_path / "c")["w"], w)
@@ -95,9 +101,16 @@ def _tiny_llama(dtype):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
-                      tie_word_embeddings=True)
+    cfg = LlamaConfig(
+        vocab_size=128,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+        tie_word_embeddings=True,
+    )
     return LlamaForCausalLM(cfg).to(dtype).eval()
 
 
@@ -128,7 +141,10 @@ def test_model_dir_round_trip_loads_in_transformers(tmp_path, dtype, two_four):
     assert (tmp_path / "c" / "config.json").is_file()
 
     compact.unpack(tmp_path / "c", tmp_path / "out")
-    a, b = load_file(str(tmp_path / "dense" / "model.safetensors")), load_file(str(tmp_path / "out" / "model.safetensors"))
+    a, b = (
+        load_file(str(tmp_path / "dense" / "model.safetensors")),
+        load_file(str(tmp_path / "out" / "model.safetensors")),
+    )
     assert a.keys() == b.keys() and all(_same_bits(a[k], b[k]) for k in a)
 
     loaded = compact.load_compact(tmp_path / "c")
@@ -211,10 +227,15 @@ def test_prune_with_compact_export_round_trips_the_exported_model(tmp_path, stor
     from core.pruning.config import CalibrationConfig, ExportConfig, PruneConfig
     from core.pruning.run import prune
 
-    cfg = PruneConfig(model=str(stories260k), method="wanda", sparsity=0.5, device="cpu",
-                      calibration=CalibrationConfig(source=str(text_dir / "tinystories-valid.txt"), nsamples=8,
-                                                    seqlen=64),
-                      evaluation=None, export=ExportConfig(compact=True))
+    cfg = PruneConfig(
+        model=str(stories260k),
+        method="wanda",
+        sparsity=0.5,
+        device="cpu",
+        calibration=CalibrationConfig(source=str(text_dir / "tinystories-valid.txt"), nsamples=8, seqlen=64),
+        evaluation=None,
+        export=ExportConfig(compact=True),
+    )
     res = prune(cfg, tmp_path / "out")
     out = res.out_dir
     manifest = json.loads((out / "manifest.json").read_text())

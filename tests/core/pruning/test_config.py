@@ -1,4 +1,5 @@
 """PruneConfig's method settings: names from the registry, options owned and checked by each method."""
+
 import pytest
 from pydantic import ValidationError
 
@@ -13,8 +14,10 @@ def errors(**kw):
 
 
 def test_method_options_are_filled_with_the_chosen_methods_defaults():
-    assert PruneConfig(model="m", sparsity=0.5, method="sparsegpt").method_options == {"blocksize": 128,
-                                                                                      "percdamp": 0.01}
+    assert PruneConfig(model="m", sparsity=0.5, method="sparsegpt").method_options == {
+        "blocksize": 128,
+        "percdamp": 0.01,
+    }
     assert PruneConfig(model="m", sparsity=0.5).method_options == {"wanda_alpha_search": False}
     cfg = PruneConfig(model="m", sparsity=0.5, method="magnitude", method_options={"magnitude_scope": "row"})
     assert get("magnitude")(cfg).options.magnitude_scope == "row"
@@ -28,19 +31,28 @@ def test_flat_settings_of_the_chosen_method_still_work():
 
 
 def test_a_setting_of_another_method_is_refused_naming_the_field():
-    assert errors(method="wanda", percdamp=0.1) == [(("percdamp",), "a setting of sparsegpt, not of the chosen "
-                                                                    "method wanda")]
+    assert errors(method="wanda", percdamp=0.1) == [
+        (("percdamp",), "a setting of sparsegpt, not of the chosen method wanda")
+    ]
 
 
 def test_a_stored_config_of_the_flat_layout_still_validates():
-    old = {"model": "m", "sparsity": 0.5, "method": "wanda", "magnitude_scope": "layer",
-           "wanda_alpha_search": True, "blocksize": 128, "percdamp": 0.01}  # every method's settings, as dumped
+    old = {
+        "model": "m",
+        "sparsity": 0.5,
+        "method": "wanda",
+        "magnitude_scope": "layer",
+        "wanda_alpha_search": True,
+        "blocksize": 128,
+        "percdamp": 0.01,
+    }  # every method's settings, as dumped
     assert PruneConfig.model_validate(old).method_options == {"wanda_alpha_search": True}
 
 
 def test_method_options_are_checked_against_the_method():
     assert errors(method="sparsegpt", method_options={"percdamp": 0}) == [
-        (("method_options", "percdamp"), "Input should be greater than 0")]
+        (("method_options", "percdamp"), "Input should be greater than 0")
+    ]
     assert errors(method="wanda", method_options={"percdamp": 0.1})[0][0] == ("method_options", "percdamp")
 
 

@@ -1,5 +1,6 @@
 """The engine's block-by-block replay reproduces the model's own forward pass exactly: what each block
 receives (masks, positions, rotary embeddings) is captured per block, not assumed."""
+
 import sys
 
 import pytest
@@ -10,22 +11,38 @@ from core.pruning import engine, models, walk
 from tests.conftest import require
 
 SLIDING = {
-    "qwen2": dict(model_type="qwen2", hidden_size=32, intermediate_size=64, num_hidden_layers=3,
-                  num_attention_heads=4, num_key_value_heads=2, use_sliding_window=True, sliding_window=8,
-                  max_window_layers=1, layer_types=["full_attention", "sliding_attention", "full_attention"],
-                  architectures=["Qwen2ForCausalLM"]),
-    "gemma3_text": dict(model_type="gemma3_text", hidden_size=32, intermediate_size=64, num_hidden_layers=3,
-                        num_attention_heads=4, num_key_value_heads=2, head_dim=8, sliding_window=8,
-                        layer_types=["sliding_attention", "full_attention", "sliding_attention"],
-                        architectures=["Gemma3ForCausalLM"]),
+    "qwen2": dict(
+        model_type="qwen2",
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        use_sliding_window=True,
+        sliding_window=8,
+        max_window_layers=1,
+        layer_types=["full_attention", "sliding_attention", "full_attention"],
+        architectures=["Qwen2ForCausalLM"],
+    ),
+    "gemma3_text": dict(
+        model_type="gemma3_text",
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=8,
+        sliding_window=8,
+        layer_types=["sliding_attention", "full_attention", "sliding_attention"],
+        architectures=["Gemma3ForCausalLM"],
+    ),
 }
 
 
 def build_sliding(name):
     spec = dict(SLIDING[name])
     arch = spec.pop("architectures")[0]
-    cfg = transformers.AutoConfig.for_model(spec.pop("model_type"), vocab_size=300, max_position_embeddings=128,
-                                            **spec)
+    cfg = transformers.AutoConfig.for_model(spec.pop("model_type"), vocab_size=300, max_position_embeddings=128, **spec)
     torch.manual_seed(0)
     return getattr(transformers, arch)(cfg).eval()
 
@@ -66,8 +83,7 @@ def test_layers_reading_one_input_share_one_statistic(tiny_model):
     _, blocks = models.find_blocks(model)
     inputs = walk.capture(model, blocks, torch.randint(4, 290, (4, 32)), torch.device("cpu"), batch_size=2)
     layers = models.prunable_layers(blocks[0])
-    shared = engine.SharedStats(get("sparsegpt")(PruneConfig(model="m", sparsity=0.5)), layers,
-                                torch.device("cpu"))
+    shared = engine.SharedStats(get("sparsegpt")(PruneConfig(model="m", sparsity=0.5)), layers, torch.device("cpu"))
     with torch.no_grad(), walk.hooked(layers, shared.add):
         inputs.run(blocks[0], keep=False)
     st = shared.per_layer()
@@ -99,7 +115,9 @@ def test_statistics_pass_stops_early_but_sees_every_input(tiny_model, arch):
     handle.remove()
     assert full.keys() == early.keys()
     for n in full:
-        assert len(full[n]) == len(early[n]) == 3 and all(torch.equal(a, b) for a, b in zip(full[n], early[n], strict=True))
+        assert len(full[n]) == len(early[n]) == 3 and all(
+            torch.equal(a, b) for a, b in zip(full[n], early[n], strict=True)
+        )
     assert len(ran) == 2  # the last linear's own product ran only in the first batch of each pass
 
 
@@ -114,8 +132,18 @@ def test_masks_spilled_block_by_block_equal_those_kept_in_memory(tiny_model, tmp
     def run(spill_dir):
         model = transformers.LlamaForCausalLM.from_pretrained(tiny_model("llama")).eval()
         method = get("sparsegpt")(PruneConfig(model="m", sparsity=0.5))
-        return engine.prune_blocks(model, tokens, method, device=torch.device("cpu"), block_sparsity=[0.5, 0.5],
-                                   nm=None, exclude=[], overrides={}, batch_size=2, spill_dir=spill_dir)
+        return engine.prune_blocks(
+            model,
+            tokens,
+            method,
+            device=torch.device("cpu"),
+            block_sparsity=[0.5, 0.5],
+            nm=None,
+            exclude=[],
+            overrides={},
+            batch_size=2,
+            spill_dir=spill_dir,
+        )
 
     kept, spilled = run(None), run(tmp_path)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["masks-00000.safetensors", "masks-00001.safetensors"]

@@ -43,8 +43,10 @@ def test_the_process_wide_flag_is_restored_even_after_an_error():
     assert torch.backends.mkldnn.matmul.fp32_precision == before
 
 
-@pytest.mark.skipif(not BF16_UNITS, reason="oneDNN keeps full float32 products on this CPU "
-                    "(no AMX, or AVX512-BF16 alone): the float32 path is used")
+@pytest.mark.skipif(
+    not BF16_UNITS,
+    reason="oneDNN keeps full float32 products on this CPU (no AMX, or AVX512-BF16 alone): the float32 path is used",
+)
 def test_bf16_units_are_used_for_bf16_inputs_where_the_cpu_has_them():
     g = torch.Generator().manual_seed(0)
     a, b = torch.randn(256, 256, generator=g), torch.randn(256, 256, generator=g)

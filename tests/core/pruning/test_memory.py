@@ -1,4 +1,5 @@
 """Weights of a memory-mapped checkpoint: written into memory of their own, the file's pages let go."""
+
 import sys
 
 import pytest
@@ -104,7 +105,6 @@ def test_spilled_tensors_read_back_equal_but_are_held_by_their_file(tmp_path):
     assert torch.equal(back["mask"], t["mask"])
     assert memory.spill_to_file({}, tmp_path / "none.safetensors") == {}
     assert not (tmp_path / "none.safetensors").exists()
-
 
 
 CHURN = """

@@ -1,4 +1,5 @@
 """The math of each method on random matrices, against the papers' definitions."""
+
 import pytest
 import torch
 
@@ -112,8 +113,10 @@ def test_magnitude_layer_scope_is_one_threshold_row_scope_is_per_row():
 @pytest.mark.parametrize("seed", [0, 1, 2])
 def test_reconstruction_error_sparsegpt_lt_wanda_lt_magnitude(target, seed):
     x, w = correlated_inputs(seed=seed), torch.randn(64, 128, generator=torch.Generator().manual_seed(seed))
-    err = {n: ((x @ w.t() - x @ run(n, w, x, target).weight.t()).norm() / (x @ w.t()).norm()).item()
-           for n in ("magnitude", "wanda", "sparsegpt")}
+    err = {
+        n: ((x @ w.t() - x @ run(n, w, x, target).weight.t()).norm() / (x @ w.t()).norm()).item()
+        for n in ("magnitude", "wanda", "sparsegpt")
+    }
     assert err["sparsegpt"] < err["wanda"] < err["magnitude"], err
 
 
@@ -218,7 +221,7 @@ def sparsegpt_by_the_paper(w, H, sparsity, nm=None, blocksize=128, percdamp=0.01
             M1 = torch.zeros_like(W1, dtype=torch.bool)
         for i in range(i2 - i1):
             if nm is not None and i % nm[1] == 0:
-                g = W1[:, i:i + nm[1]] ** 2 / torch.diag(Hinv1)[i:i + nm[1]].reshape(1, -1) ** 2
+                g = W1[:, i : i + nm[1]] ** 2 / torch.diag(Hinv1)[i : i + nm[1]].reshape(1, -1) ** 2
                 M1.scatter_(1, i + torch.topk(g, nm[1] - nm[0], dim=1, largest=False)[1], True)
             q = W1[:, i].clone()
             q[M1[:, i]] = 0

@@ -1,5 +1,6 @@
 """A new method is one file: written here, registered by importing it, it is a `method` PruneConfig accepts,
 its option is checked and reaches the method, the engine runs it, and the CLI has a flag for its option."""
+
 import json
 import os
 import runpy
@@ -14,7 +15,7 @@ from core.pruning.config import CalibrationConfig, PruneConfig
 from core.pruning.methods import REGISTRY
 from core.pruning.run import prune
 
-METHOD_FILE = '''
+METHOD_FILE = """
 import torch
 from pydantic import Field
 
@@ -34,7 +35,7 @@ class SeededRandom(Method):
         scores = torch.rand(w.shape, generator=torch.Generator().manual_seed(self.options.random_seed))
         mask = patterns.per_row_mask(lambda rows: scores[rows], w.shape, w.device, target.sparsity, target.nm)
         return Pruned(w.masked_fill_(mask, 0), mask)
-'''
+"""
 
 
 @pytest.fixture
@@ -63,8 +64,7 @@ def test_config_knows_the_method_and_checks_its_option(method_file, tmp_path):
 
 def test_the_engine_runs_it_with_its_option(method_file, tiny_model, tmp_path):
     model = tiny_model("llama")
-    runs = {seed: prune(config(model, method_options={"random_seed": seed}), tmp_path / str(seed))
-            for seed in (1, 2)}
+    runs = {seed: prune(config(model, method_options={"random_seed": seed}), tmp_path / str(seed)) for seed in (1, 2)}
     for seed, r in runs.items():
         assert r.metrics["achieved_sparsity"] == pytest.approx(0.5)
         assert r.metrics["config"]["method_options"] == {"random_seed": seed}
@@ -76,18 +76,41 @@ def test_the_cli_has_a_flag_for_its_option(method_file, tiny_model, tmp_path):
     flag = next(f for f in flags.config_flags() if f.param == "random_seed")
     assert flag.path == ("random_seed",) and "seed of the random scores" in flag.help and "seeded_random" in flag.help
     assert flags.config_input(flags.config_flags(), {"random_seed": 5, "method": "seeded_random"}) == {
-        "random_seed": 5, "method": "seeded_random"}
+        "random_seed": 5,
+        "method": "seeded_random",
+    }
 
     def cli(*args):  # the method file is imported before the CLI builds its flags, as a plugin would be
         code = f"import runpy; runpy.run_path({str(method_file)!r}); from cli.app import main; main()"
-        return subprocess.run([sys.executable, "-c", code, "prune", *map(str, args)], capture_output=True,
-                              text=True, timeout=300, env={**os.environ, "COLUMNS": "200"})
+        return subprocess.run(
+            [sys.executable, "-c", code, "prune", *map(str, args)],
+            capture_output=True,
+            text=True,
+            timeout=300,
+            env={**os.environ, "COLUMNS": "200"},
+        )
 
     assert "--random-seed" in cli("--help").stdout
     model = tiny_model("llama")
-    r = cli("--model", model, "--method", "seeded_random", "--random-seed", 7, "--sparsity", 0.5,
-            "--calibration", model / "calibration.txt", "--nsamples", 4, "--seqlen", 32, "--out", tmp_path / "o",
-            "--json")
+    r = cli(
+        "--model",
+        model,
+        "--method",
+        "seeded_random",
+        "--random-seed",
+        7,
+        "--sparsity",
+        0.5,
+        "--calibration",
+        model / "calibration.txt",
+        "--nsamples",
+        4,
+        "--seqlen",
+        32,
+        "--out",
+        tmp_path / "o",
+        "--json",
+    )
     assert r.returncode == 0, r.stderr
     assert json.loads(r.stdout)["config"]["method_options"] == {"random_seed": 7}
     r = cli("--model", model, "--method", "wanda", "--random-seed", 7, "--sparsity", 0.5, "--out", tmp_path / "w")

@@ -30,8 +30,9 @@ def test_nm_mask_keeps_the_n_largest_of_each_group():
         kept = (~m).reshape(5, -1, mm)
         assert (kept.sum(2) == n).all()
         # the kept entries are the group's top-n
-        assert torch.equal(torch.sort(g.masked_fill(~kept, -1), 2, descending=True).values[..., :n],
-                           torch.topk(g, n, 2).values)
+        assert torch.equal(
+            torch.sort(g.masked_fill(~kept, -1), 2, descending=True).values[..., :n], torch.topk(g, n, 2).values
+        )
 
 
 def test_nm_mask_tail_group_keeps_at_most_n():

@@ -1,4 +1,5 @@
 """Inputs checked before the model loads: every problem at once, with its field."""
+
 import json
 
 import pytest
@@ -59,8 +60,7 @@ def test_every_problem_is_listed_with_its_field(tmp_path):
     cfg = config(tmp_path / "model", calibration={"source": str(bad_jsonl)}, evaluation={"source": str(binary)})
     problems = preflight.check(cfg, tmp_path / "out")
     assert fields(problems) == ["model", "calibration.source", "evaluation.source", "out"]
-    assert [p.code for p in problems] == ["invalid_model", "calibration_error", "evaluation_error",
-                                          "output_not_empty"]
+    assert [p.code for p in problems] == ["invalid_model", "calibration_error", "evaluation_error", "output_not_empty"]
     assert "line 2" in problems[1].message and "UTF-8" in problems[2].message
     message = preflight.describe(problems)
     assert message.startswith("4 problems") and all(f"  {f}: " in message for f in fields(problems))
@@ -70,8 +70,10 @@ def test_a_missing_model_directory_and_token_ids_given_for_evaluation(tmp_path):
     ids = tmp_path / "ids.npy"
     ids.write_bytes(b"")
     problems = preflight.check(config(tmp_path / "nope", evaluation={"source": str(ids)}))
-    assert [(p.field, p.code) for p in problems] == [("model", "model_not_found"),
-                                                     ("evaluation.source", "evaluation_error")]
+    assert [(p.field, p.code) for p in problems] == [
+        ("model", "model_not_found"),
+        ("evaluation.source", "evaluation_error"),
+    ]
 
 
 def test_named_sets_need_the_datasets_extra(model_dir, monkeypatch):

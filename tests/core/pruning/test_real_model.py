@@ -1,4 +1,5 @@
 """The real trained stories260K model (../shared): the methods rank as the papers report."""
+
 import logging
 
 import pytest
@@ -15,10 +16,14 @@ def test_perplexity_dense_lt_sparsegpt_le_wanda_lt_magnitude(stories260k, text_d
     ppl = {}
     for method in ("magnitude", "wanda", "sparsegpt"):
         cfg = PruneConfig(
-            model=str(stories260k), method=method, **target,
+            model=str(stories260k),
+            method=method,
+            **target,
             calibration=CalibrationConfig(source=str(text_dir / "tinystories-valid.txt"), nsamples=64, seqlen=256),
-            evaluation=EvalConfig(source=str(text_dir / "wikitext-2-test.txt"), seqlen=256, max_windows=64,
-                                  batch_size=16))
+            evaluation=EvalConfig(
+                source=str(text_dir / "wikitext-2-test.txt"), seqlen=256, max_windows=64, batch_size=16
+            ),
+        )
         m = prune(cfg, tmp_path / method).metrics
         ppl["dense"] = m["perplexity"]["dense"]
         ppl[method] = m["perplexity"]["pruned"]

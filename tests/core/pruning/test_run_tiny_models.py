@@ -1,5 +1,6 @@
 """End to end on tiny models of every supported architecture: prune, export, reload with transformers,
 and check sparsity and pattern on the reloaded weights."""
+
 import json
 import os
 import stat
@@ -19,9 +20,13 @@ from tests.fixtures.tiny_models import CONFIGS
 
 def config(model_dir, method, pattern, **kw):
     target = {"pattern": pattern} if ":" in pattern else {"sparsity": float(pattern)}
-    return PruneConfig(model=str(model_dir), method=method, **target, **kw,
-                       calibration=CalibrationConfig(source=str(model_dir / "calibration.txt"), nsamples=8,
-                                                     seqlen=32))
+    return PruneConfig(
+        model=str(model_dir),
+        method=method,
+        **target,
+        **kw,
+        calibration=CalibrationConfig(source=str(model_dir / "calibration.txt"), nsamples=8, seqlen=32),
+    )
 
 
 def reload(out):
@@ -31,8 +36,9 @@ def reload(out):
 
 def pruned_weights(model):
     _, blocks = models.find_blocks(model)
-    return {f"{i}.{n}": models.get_weight(m) for i, b in enumerate(blocks)
-            for n, m in models.prunable_layers(b).items()}
+    return {
+        f"{i}.{n}": models.get_weight(m) for i, b in enumerate(blocks) for n, m in models.prunable_layers(b).items()
+    }
 
 
 @pytest.mark.parametrize("arch", list(CONFIGS))
@@ -105,8 +111,9 @@ def test_true_sequential_and_dense_propagation_change_results_but_keep_targets(t
 
 def test_exclude_and_overrides_by_regex(tiny_model, tmp_path):
     src = tiny_model("llama")
-    res = prune(config(src, "wanda", "0.5", exclude=[r"\.0\.mlp\."], overrides={r"self_attn\.o_proj": 0.25}),
-                tmp_path / "o")
+    res = prune(
+        config(src, "wanda", "0.5", exclude=[r"\.0\.mlp\."], overrides={r"self_attn\.o_proj": 0.25}), tmp_path / "o"
+    )
     layers = {r["name"]: r for r in res.metrics["layers"]}
     assert not any(".0.mlp." in n for n in layers)
     assert "model.layers.1.mlp.down_proj" in layers
@@ -117,8 +124,10 @@ def test_exclude_and_overrides_by_regex(tiny_model, tmp_path):
     assert torch.equal(dense["0.mlp.up_proj"], after["0.mlp.up_proj"])
 
 
-@pytest.mark.parametrize("arch,method,pattern", [("llama", "sparsegpt", "2:4"), ("llama", "wanda", "0.5"),
-                                                 ("gpt2", "wanda", "2:4"), ("gpt2", "magnitude", "0.5")])
+@pytest.mark.parametrize(
+    "arch,method,pattern",
+    [("llama", "sparsegpt", "2:4"), ("llama", "wanda", "0.5"), ("gpt2", "wanda", "2:4"), ("gpt2", "magnitude", "0.5")],
+)
 def test_dtype_bfloat16_is_kept_in_the_export(tiny_model, tmp_path, arch, method, pattern):
     # Wanda and magnitude zero the bf16 weights in place (GPT-2's Conv1D through a transposed view)
     res = prune(config(tiny_model(arch), method, pattern, dtype="bfloat16"), tmp_path / "o")
@@ -148,8 +157,12 @@ def test_progress_per_block_and_cooperative_stop(tiny_model, tmp_path):
     assert blocks[-1].fraction == 1.0
 
     with pytest.raises(Cancelled):
-        prune(config(tiny_model("llama"), "wanda", "0.5"), tmp_path / "b",
-              on_progress=seen.append, should_stop=lambda: any(p.stage == "prune" for p in seen))
+        prune(
+            config(tiny_model("llama"), "wanda", "0.5"),
+            tmp_path / "b",
+            on_progress=seen.append,
+            should_stop=lambda: any(p.stage == "prune" for p in seen),
+        )
     assert not (tmp_path / "b").exists()
     assert [p.name for p in tmp_path.iterdir()] == ["a"]  # no half-written or temporary directory left
 

@@ -1,4 +1,5 @@
 """Layer-wise sparsity schedules: the mean over prunable weights is the target; OWL follows its formula."""
+
 from __future__ import annotations
 
 import pytest
@@ -81,9 +82,17 @@ def _tiny_llama():
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(0)
-    return LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=3,
-                                        num_attention_heads=4, num_key_value_heads=2,
-                                        max_position_embeddings=32)).eval()
+    return LlamaForCausalLM(
+        LlamaConfig(
+            vocab_size=64,
+            hidden_size=32,
+            intermediate_size=48,
+            num_hidden_layers=3,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            max_position_embeddings=32,
+        )
+    ).eval()
 
 
 def test_for_model_weights_and_exclude():
@@ -112,19 +121,30 @@ def test_owl_beats_uniform_wanda_at_70_on_stories260k(stories260k, text_dir):
 
     tok = AutoTokenizer.from_pretrained(stories260k)
     ids = tok(text_dir.joinpath("tinystories-valid.txt").read_text()[:120_000], return_tensors="pt").input_ids[0]
-    calib, evalw = ids[: 32 * 128].view(32, 128), ids[32 * 128:]
+    calib, evalw = ids[: 32 * 128].view(32, 128), ids[32 * 128 :]
     ppl, achieved = {}, {}
     for kind in ("uniform", "owl"):
         cfg = PruneConfig(model=str(stories260k), method="wanda", sparsity=0.7, schedule=ScheduleConfig(kind=kind))
         model = AutoModelForCausalLM.from_pretrained(stories260k).eval()
         sched = for_model(cfg, model, calib)
-        engine.prune_blocks(model, calib, get("wanda")(cfg), device=torch.device("cpu"), block_sparsity=sched,
-                            nm=None, exclude=[], overrides={}, batch_size=8)
+        engine.prune_blocks(
+            model,
+            calib,
+            get("wanda")(cfg),
+            device=torch.device("cpu"),
+            block_sparsity=sched,
+            nm=None,
+            exclude=[],
+            overrides={},
+            batch_size=8,
+        )
         ppl[kind] = perplexity(model, evalw, 128, max_windows=40)["perplexity"]
         ws = [l.weight for n, l in model.named_modules() if ".layers." in n and isinstance(l, torch.nn.Linear)]
         achieved[kind] = sum(int((w == 0).sum()) for w in ws) / sum(w.numel() for w in ws)
-    print(f"stories260k, Wanda 70%: uniform ppl {ppl['uniform']:.3f} (sparsity {achieved['uniform']:.4f}), "
-          f"OWL ppl {ppl['owl']:.3f} (sparsity {achieved['owl']:.4f})")
+    print(
+        f"stories260k, Wanda 70%: uniform ppl {ppl['uniform']:.3f} (sparsity {achieved['uniform']:.4f}), "
+        f"OWL ppl {ppl['owl']:.3f} (sparsity {achieved['owl']:.4f})"
+    )
     assert achieved["owl"] > achieved["uniform"] - 1e-3  # OWL gets no bigger budget (int(in·p) rounding aside)
     assert achieved["owl"] > 0.68
     assert ppl["owl"] < ppl["uniform"]

@@ -1,4 +1,5 @@
 """The block walk every pass shares: which outputs feed the next block, and that every pass can be stopped."""
+
 import pytest
 import torch
 import transformers
@@ -56,8 +57,18 @@ def _structure(model, tokens, should_stop):
 
 def _prune(model, tokens, should_stop):
     method = get("wanda")(PruneConfig(model="m", sparsity=0.5))
-    engine.prune_blocks(model, tokens, method, device=CPU, block_sparsity=[0.5, 0.5], nm=None, exclude=[],
-                        overrides={}, batch_size=2, should_stop=should_stop)
+    engine.prune_blocks(
+        model,
+        tokens,
+        method,
+        device=CPU,
+        block_sparsity=[0.5, 0.5],
+        nm=None,
+        exclude=[],
+        overrides={},
+        batch_size=2,
+        should_stop=should_stop,
+    )
 
 
 @pytest.mark.parametrize("walk", [_owl, _structure, _prune], ids=["owl", "structured", "prune"])
@@ -84,8 +95,13 @@ def test_a_run_stopped_during_the_owl_pre_pass_never_starts_pruning(tiny_model, 
 
     monkeypatch.setattr(engine, "prune_blocks", pruning_started)
     src = tiny_model("llama")
-    cfg = PruneConfig(model=str(src), method="wanda", sparsity=0.5, schedule=ScheduleConfig(kind="owl"),
-                      calibration=CalibrationConfig(source=str(src / "calibration.txt"), nsamples=8, seqlen=32))
+    cfg = PruneConfig(
+        model=str(src),
+        method="wanda",
+        sparsity=0.5,
+        schedule=ScheduleConfig(kind="owl"),
+        calibration=CalibrationConfig(source=str(src / "calibration.txt"), nsamples=8, seqlen=32),
+    )
     with pytest.raises(Cancelled, match="before block 0"):
         prune(cfg, tmp_path / "out", should_stop=lambda: True)
     assert not (tmp_path / "out").exists()
@@ -95,7 +111,12 @@ def test_layers_reading_one_tensor_are_grouped_and_views_of_it_are_not():
     shared = SharedInputs()
     x, y = torch.randn(2, 4, 8), torch.randn(2, 4, 8)
     assert [shared.see(n, t) for n, t in [("q", x), ("k", x), ("o", y), ("v", x), ("up", x.view(8, 8))]] == [
-        "q", "q", "o", "q", "up"]
+        "q",
+        "q",
+        "o",
+        "q",
+        "up",
+    ]
     assert shared.see("o", x) == "o"  # a layer's first input placed it
     assert shared.groups() == [["q", "k", "v"], ["o"], ["up"]]
 
@@ -115,5 +136,9 @@ def test_true_sequential_groups_follow_the_inputs_llama_layers_share(tiny_model)
     inputs = capture(model, blocks, torch.randint(4, 290, (4, 32)), CPU, batch_size=2)
     layers = models.prunable_layers(blocks[0])
     groups = engine.sequential_groups(blocks[0], layers, inputs)
-    assert groups == [["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"], ["self_attn.o_proj"],
-                      ["mlp.gate_proj", "mlp.up_proj"], ["mlp.down_proj"]]
+    assert groups == [
+        ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"],
+        ["self_attn.o_proj"],
+        ["mlp.gate_proj", "mlp.up_proj"],
+        ["mlp.down_proj"],
+    ]

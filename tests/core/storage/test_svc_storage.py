@@ -1,4 +1,5 @@
 """Storage backends: local directory and S3 (moto's server over HTTP, reset per test)."""
+
 from __future__ import annotations
 
 import hashlib
@@ -29,9 +30,16 @@ def local(tmp_path: Path) -> LocalStorage:
 
 @pytest.fixture
 def s3(s3_endpoint: str) -> S3Storage:
-    st = S3Storage("bucket-a", endpoint_url=s3_endpoint, public_endpoint_url="http://public.example:9000", **{
-        "region": S3_CREDS["region"], "access_key_id": S3_CREDS["access_key_id"],
-        "secret_access_key": S3_CREDS["secret_access_key"]})
+    st = S3Storage(
+        "bucket-a",
+        endpoint_url=s3_endpoint,
+        public_endpoint_url="http://public.example:9000",
+        **{
+            "region": S3_CREDS["region"],
+            "access_key_id": S3_CREDS["access_key_id"],
+            "secret_access_key": S3_CREDS["secret_access_key"],
+        },
+    )
     st.ensure_bucket()
     return st
 
@@ -110,8 +118,13 @@ def test_s3_presigned_url_uses_public_endpoint_and_works(s3: S3Storage, s3_endpo
 
 
 def test_s3_check_fails_for_missing_bucket(s3_endpoint: str):
-    st = S3Storage("missing-bucket", endpoint_url=s3_endpoint, region="us-east-1",
-                   access_key_id="testing", secret_access_key="testing")
+    st = S3Storage(
+        "missing-bucket",
+        endpoint_url=s3_endpoint,
+        region="us-east-1",
+        access_key_id="testing",
+        secret_access_key="testing",
+    )
     with pytest.raises(StorageError):
         st.check()
 

@@ -1,5 +1,6 @@
 """Structured pruning: every tiny architecture comes out smaller with exactly the requested shapes, stock
 transformers reloads it, and the reloaded model gives the logits of the in-memory pruned one."""
+
 from __future__ import annotations
 
 import pytest
@@ -29,25 +30,70 @@ V = 96
 
 
 def _llama(heads=8, kv=4):
-    return LlamaForCausalLM(LlamaConfig(vocab_size=V, hidden_size=64, intermediate_size=48, num_hidden_layers=4,
-                                        num_attention_heads=heads, num_key_value_heads=kv, head_dim=8,
-                                        max_position_embeddings=64))
+    return LlamaForCausalLM(
+        LlamaConfig(
+            vocab_size=V,
+            hidden_size=64,
+            intermediate_size=48,
+            num_hidden_layers=4,
+            num_attention_heads=heads,
+            num_key_value_heads=kv,
+            head_dim=8,
+            max_position_embeddings=64,
+        )
+    )
 
 
 ARCHS = {  # name: (builder, MLP module in a block, intermediate config key)
     "llama": (_llama, "mlp.down_proj", "intermediate_size"),
-    "opt": (lambda: OPTForCausalLM(OPTConfig(vocab_size=V, hidden_size=32, ffn_dim=48, num_hidden_layers=4,
-                                             num_attention_heads=4, max_position_embeddings=64,
-                                             word_embed_proj_dim=32)), "fc2", "ffn_dim"),
-    "gpt2": (lambda: GPT2LMHeadModel(GPT2Config(vocab_size=V, n_embd=32, n_inner=48, n_layer=4, n_head=4,
-                                                n_positions=64)), "mlp.c_proj", "n_inner"),
-    "gpt_neox": (lambda: GPTNeoXForCausalLM(GPTNeoXConfig(vocab_size=V, hidden_size=32, intermediate_size=48,
-                                                          num_hidden_layers=4, num_attention_heads=4,
-                                                          max_position_embeddings=64)),
-                 "mlp.dense_4h_to_h", "intermediate_size"),
-    "bert": (lambda: BertForMaskedLM(BertConfig(vocab_size=V, hidden_size=32, intermediate_size=48,
-                                                num_hidden_layers=4, num_attention_heads=4,
-                                                max_position_embeddings=64)), "output.dense", "intermediate_size"),
+    "opt": (
+        lambda: OPTForCausalLM(
+            OPTConfig(
+                vocab_size=V,
+                hidden_size=32,
+                ffn_dim=48,
+                num_hidden_layers=4,
+                num_attention_heads=4,
+                max_position_embeddings=64,
+                word_embed_proj_dim=32,
+            )
+        ),
+        "fc2",
+        "ffn_dim",
+    ),
+    "gpt2": (
+        lambda: GPT2LMHeadModel(GPT2Config(vocab_size=V, n_embd=32, n_inner=48, n_layer=4, n_head=4, n_positions=64)),
+        "mlp.c_proj",
+        "n_inner",
+    ),
+    "gpt_neox": (
+        lambda: GPTNeoXForCausalLM(
+            GPTNeoXConfig(
+                vocab_size=V,
+                hidden_size=32,
+                intermediate_size=48,
+                num_hidden_layers=4,
+                num_attention_heads=4,
+                max_position_embeddings=64,
+            )
+        ),
+        "mlp.dense_4h_to_h",
+        "intermediate_size",
+    ),
+    "bert": (
+        lambda: BertForMaskedLM(
+            BertConfig(
+                vocab_size=V,
+                hidden_size=32,
+                intermediate_size=48,
+                num_hidden_layers=4,
+                num_attention_heads=4,
+                max_position_embeddings=64,
+            )
+        ),
+        "output.dense",
+        "intermediate_size",
+    ),
 }
 
 
@@ -77,16 +123,24 @@ def test_width_and_depth_reload(arch, score, tmp_path):
     model = _build(arch)
     _, mlp_out, key = ARCHS[arch]
     before = models.count_params(model)
-    m = apply_structure(model, _calib(), StructureConfig(mlp_channels=0.25, blocks=0.25, score=score,
-                                                         bias_compensation=score == "activation"))
+    m = apply_structure(
+        model,
+        _calib(),
+        StructureConfig(mlp_channels=0.25, blocks=0.25, score=score, bias_compensation=score == "activation"),
+    )
     _, blocks = models.find_blocks(model)
     assert len(blocks) == 3 and model.config.num_hidden_layers == 3
     assert getattr(model.config, key) == 36
     for b in blocks:
         assert models.in_features(b.get_submodule(mlp_out)) == 36
     assert m["blocks"]["after"] == 3 and len(m["blocks"]["removed"]) == 1
-    assert m["mlp"] == {"before": 48, "after": 36, "removed_per_block": 12, "config_key": key,
-                        "bias_compensation": score == "activation"}
+    assert m["mlp"] == {
+        "before": 48,
+        "after": 36,
+        "removed_per_block": 12,
+        "config_key": key,
+        "bias_compensation": score == "activation",
+    }
     assert m["params_before"] == before and m["params_after"] == models.count_params(model) < before
     assert m["weight_bytes_after"] < m["weight_bytes_before"] and m["uniform_per_block"]
     assert len(m["block_influence"]) == 4
@@ -102,7 +156,11 @@ def test_llama_gqa_heads(tmp_path):
     for b in models.find_blocks(model)[1]:
         a = b.self_attn
         assert (a.q_proj.weight.shape, a.k_proj.weight.shape, a.v_proj.weight.shape, a.o_proj.weight.shape) == (
-            (32, 64), (16, 64), (16, 64), (64, 32))
+            (32, 64),
+            (16, 64),
+            (16, 64),
+            (64, 32),
+        )
     assert any("key/value groups" in n for n in m["notes"])
     _reload_same(model, tmp_path)
     assert generation_speed(model, prompt_len=8, new_tokens=4, repeats=1)["decode_tokens_per_s"] > 0
@@ -138,7 +196,9 @@ def test_scores_pick_the_dead_parts():
         blocks[2].mlp.down_proj.weight.zero_()
     m = apply_structure(model, _calib(), StructureConfig(mlp_channels=0.25, heads=0.25, blocks=0.25))
     assert m["blocks"]["removed"] == [2]
-    assert m["block_influence"][2] == pytest.approx(0.0, abs=1e-6) and min(m["block_influence"]) == m["block_influence"][2]
+    assert (
+        m["block_influence"][2] == pytest.approx(0.0, abs=1e-6) and min(m["block_influence"]) == m["block_influence"][2]
+    )
     if m["heads"]["kv_heads_after"] == 3:
         assert all(g == [1] for g in m["heads"]["removed_groups"])
     else:
@@ -198,14 +258,20 @@ def test_stories260k_real_model(stories260k, text_dir, tmp_path):
 
     tok = AutoTokenizer.from_pretrained(stories260k)
     ids = tok(text_dir.joinpath("tinystories-valid.txt").read_text()[:60_000], return_tensors="pt").input_ids[0]
-    calib, evalw = ids[: 8 * 128].view(8, 128), ids[8 * 128:]
+    calib, evalw = ids[: 8 * 128].view(8, 128), ids[8 * 128 :]
     model = AutoModelForCausalLM.from_pretrained(stories260k).eval()
 
     def ppl(m):
         return perplexity(m, evalw, 128, max_windows=16)["perplexity"]
 
-    m = apply_structure(model, calib, StructureConfig(mlp_channels=0.25, heads=0.5, blocks=0.2),
-                        evaluate=ppl, measure_speed=True, speed={"prompt_len": 32, "new_tokens": 8, "repeats": 1})
+    m = apply_structure(
+        model,
+        calib,
+        StructureConfig(mlp_channels=0.25, heads=0.5, blocks=0.2),
+        evaluate=ppl,
+        measure_speed=True,
+        speed={"prompt_len": 32, "new_tokens": 8, "repeats": 1},
+    )
     assert model.config.intermediate_size == 129 and model.config.num_hidden_layers == 4
     assert (model.config.num_attention_heads, model.config.num_key_value_heads) == (4, 2)
     assert m["perplexity_before"] < m["perplexity_after"] < 1e4  # damaged, not destroyed
@@ -222,9 +288,20 @@ def test_qwen2_layer_types_and_bias_notes(tmp_path):
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
     torch.manual_seed(0)
-    model = Qwen2ForCausalLM(Qwen2Config(vocab_size=V, hidden_size=64, intermediate_size=48, num_hidden_layers=4,
-                                         num_attention_heads=8, num_key_value_heads=4, max_position_embeddings=64,
-                                         use_sliding_window=True, sliding_window=8, max_window_layers=2)).eval()
+    model = Qwen2ForCausalLM(
+        Qwen2Config(
+            vocab_size=V,
+            hidden_size=64,
+            intermediate_size=48,
+            num_hidden_layers=4,
+            num_attention_heads=8,
+            num_key_value_heads=4,
+            max_position_embeddings=64,
+            use_sliding_window=True,
+            sliding_window=8,
+            max_window_layers=2,
+        )
+    ).eval()
     types = list(getattr(model.config, "layer_types", None) or [])  # transformers < 4.53 has none
     with torch.no_grad():
         model.model.layers[1].self_attn.o_proj.weight.zero_()
