@@ -88,8 +88,9 @@ def create_app(settings: Settings | None = None, queue: JobQueue | None = None) 
     registry.register(JobCollector(app.state.sessions))
     app.state.registry = registry
     problems.install(app)
-    app.include_router(jobs.router)
-    app.include_router(calibration.router)
+    # any route that touches the database answers 503 while it is unreachable
+    app.include_router(jobs.router, responses=problems.error_responses(503))
+    app.include_router(calibration.router, responses=problems.error_responses(503))
     app.include_router(health.router)
     app.add_middleware(UploadLimit, path="/v1/calibration-sets", max_bytes=s.calibration_max_bytes)
     app.add_middleware(MetricsMiddleware, registry=registry)

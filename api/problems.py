@@ -9,6 +9,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, Field
+from sqlalchemy import exc as sa_exc
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from core.errors import ServiceError
@@ -16,6 +17,9 @@ from core.errors import ServiceError
 log = logging.getLogger("secateurs.api")
 PROBLEM = "application/problem+json"
 TYPE_BASE = "urn:secateurs:problem:"
+RETRY_AFTER_S = 5  # what a client should wait after a 503: a database restart or failover takes seconds
+# the database cannot be reached or answered nothing (connection refused or lost, pool exhausted, SQLite locked)
+DATABASE_UNAVAILABLE = (sa_exc.OperationalError, sa_exc.InterfaceError, sa_exc.TimeoutError)
 
 
 class ProblemError(BaseModel):
@@ -113,6 +117,21 @@ def install(app: FastAPI) -> None:
             title = "Error"
         detail = exc.detail if isinstance(exc.detail, str) and exc.detail != title else None
         return problem(exc.status_code, title, detail, instance=request.url.path, headers=getattr(exc, "headers", None))
+
+    async def _database_unavailable(request: Request, exc: Exception) -> JSONResponse:
+        log.warning("database unavailable on %s %s: %s", request.method, request.url.path, exc.__class__.__name__)
+        return problem(
+            503,
+            "Service Unavailable",
+            "the database cannot be reached; retry later",
+            type_="service-unavailable",
+            instance=request.url.path,
+            code="database_unavailable",
+            headers={"Retry-After": str(RETRY_AFTER_S)},
+        )
+
+    for error in DATABASE_UNAVAILABLE:
+        app.add_exception_handler(error, _database_unavailable)
 
     @app.exception_handler(Exception)
     async def _unhandled(request: Request, exc: Exception) -> JSONResponse:

@@ -6,7 +6,7 @@ from fastapi import APIRouter, Request, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from sqlalchemy import text
 
-from api.problems import error_responses, problem
+from api.problems import RETRY_AFTER_S, error_responses, problem
 from api.schemas import Health, Ready
 
 router = APIRouter(tags=["operations"])
@@ -50,6 +50,7 @@ def readyz(request: Request) -> Ready | Response:
             "; ".join(f"{k}: {v}" for k, v in bad.items()),
             instance="/readyz",
             code="not_ready",
+            headers={"Retry-After": str(RETRY_AFTER_S)},
         )
     return Ready(status="ok", checks=checks)
 

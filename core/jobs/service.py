@@ -46,8 +46,8 @@ def classify_model(model: str, roots: list[Path]) -> str:
         if ".." in model or not HUB_ID.match(model):
             raise InvalidInput.field(["model"], "not a hub id (org/name), an allowed local path or an s3:// URI")
         return "hub"
-    raw = model.removeprefix("file://")
-    p = Path(raw).expanduser()
+    # never expanduser(): "~user/..." would consult the OS user database and tell a tenant which users exist
+    p = Path(model.removeprefix("file://"))
     if not p.is_absolute():
         raise InvalidInput.field(["model"], "local model paths must be absolute")
     resolved = p.resolve()

@@ -177,6 +177,8 @@ def test_rejected_body_does_not_burn_the_idempotency_key(api):  # noqa: ANN001
         ({"model": "/etc"}, "model"),
         ({"model": "../../etc/passwd"}, "model"),
         ({"model": "s3://"}, "model"),
+        ({"model": "~nosuchuser/m"}, "model"),
+        ({"model": "~/m"}, "model"),
         ({"dtype": "int3"}, "dtype"),
         ({"calibration": {"nsamples": 0}}, "calibration.nsamples"),
         ({"calibration": {"source": "/etc/passwd"}}, "calibration.source"),
@@ -532,3 +534,44 @@ def test_engine_options_pass_through_to_the_stored_config(api, extra):  # noqa: 
             assert {kk: req[k][kk] for kk in v} == v
         else:
             assert req[k] == v
+
+
+def test_an_unreachable_database_answers_503_with_retry_after(tmp_path):  # noqa: ANN001
+    """Postgres down (here: nothing listens on its port): the routes that need it say 503 with Retry-After, not 500."""
+    import socket
+
+    from fastapi.testclient import TestClient
+
+    from api.app import create_app
+    from core.settings import Settings
+
+    with socket.socket() as sock:  # a port nothing listens on
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    settings = Settings(
+        _env_file=None,
+        env="test",
+        data_dir=tmp_path / "var",
+        database_url=f"postgresql+psycopg://postgres@127.0.0.1:{port}/test",
+        broker_url=None,
+        result_backend=None,
+        queue="secateurs-test-down",
+        allowed_model_roots=[tmp_path],
+        secret_key="test-secret",
+    )
+    h = {"Authorization": "Bearer sct_" + "0" * 16 + "_" + "a" * 43}  # well formed: its lookup needs the database
+    with TestClient(create_app(settings), raise_server_exceptions=False) as c:
+        for r in (
+            c.get("/v1/pruning-jobs", headers=h),
+            c.post("/v1/pruning-jobs", json=body(), headers=h),
+            c.get("/v1/calibration-sets", headers=h),
+        ):
+            p = assert_problem(r, 503)
+            assert p["code"] == "database_unavailable" and int(r.headers["retry-after"]) > 0
+            assert "psycopg" not in r.text and str(port) not in r.text  # no internals
+        ready = c.get("/readyz")
+        assert (
+            ready.status_code == 503 and "database" in ready.json()["detail"] and int(ready.headers["retry-after"]) > 0
+        )
+        assert c.get("/healthz").status_code == 200
+        assert "503" in c.get("/openapi.json").json()["paths"]["/v1/pruning-jobs"]["post"]["responses"]
