@@ -94,5 +94,6 @@ def create_app(settings: Settings | None = None, queue: JobQueue | None = None) 
     app.include_router(health.router)
     app.add_middleware(UploadLimit, path="/v1/calibration-sets", max_bytes=s.calibration_max_bytes)
     app.add_middleware(MetricsMiddleware, registry=registry)
+    app.add_middleware(problems.UnhandledErrors)  # outermost of ours: errors of the others are answered too
     logging.getLogger("secateurs").setLevel(logging.INFO)
     return app

@@ -11,6 +11,7 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel, Field
 from sqlalchemy import exc as sa_exc
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from core.errors import ServiceError
 
@@ -136,13 +137,45 @@ def install(app: FastAPI) -> None:
     @app.exception_handler(Exception)
     async def _unhandled(request: Request, exc: Exception) -> JSONResponse:
         log.exception("unhandled error on %s %s", request.method, request.url.path)
-        return problem(
-            500,
-            "Internal Server Error",
-            "an unexpected error occurred; it has been logged",
-            instance=request.url.path,
-            code="internal_error",
-        )
+        return _internal_error(request.url.path)
+
+
+def _internal_error(path: str) -> JSONResponse:
+    return problem(
+        500,
+        "Internal Server Error",
+        "an unexpected error occurred; it has been logged",
+        instance=path,
+        code="internal_error",
+    )
+
+
+class UnhandledErrors:
+    """Answers an unhandled error with the 500 problem inside the app. Starlette's outermost middleware re-raises
+    after its own handler has answered, and uvicorn then closes the client's keep-alive connection, so the
+    client's next request on it fails with a reset."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = False
+
+        async def tracking_send(message: Message) -> None:
+            nonlocal started
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
+        try:
+            await self.app(scope, receive, tracking_send)
+        except Exception:
+            if started:  # half a response is out: only closing the connection can tell the client
+                raise
+            log.exception("unhandled error on %s %s", scope["method"], scope["path"])
+            await _internal_error(scope["path"])(scope, receive, send)
 
 
 def error_responses(*statuses: int) -> dict[int | str, dict[str, Any]]:

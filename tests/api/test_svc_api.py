@@ -575,3 +575,50 @@ def test_an_unreachable_database_answers_503_with_retry_after(tmp_path):  # noqa
         )
         assert c.get("/healthz").status_code == 200
         assert "503" in c.get("/openapi.json").json()["paths"]["/v1/pruning-jobs"]["post"]["responses"]
+
+
+def test_a_500_keeps_the_keep_alive_connection_usable(service_settings):  # noqa: ANN001
+    """Over a real uvicorn server: after an unexpected error the client's connection still serves its next
+    request, and the 500 carries no internals."""
+    import socket
+    import threading
+
+    import uvicorn
+
+    from api.app import create_app
+
+    app = create_app(service_settings)
+
+    @app.get("/boom", include_in_schema=False)
+    def boom() -> None:
+        raise RuntimeError("secret internals")
+
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="critical", lifespan="off"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 20
+    while not server.started and time.monotonic() < deadline:
+        time.sleep(0.02)
+    port = server.servers[0].sockets[0].getsockname()[1]
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as conn:
+            replies = []
+            for path in ("/boom", "/healthz"):
+                conn.sendall(f"GET {path} HTTP/1.1\r\nHost: t\r\n\r\n".encode())
+                data = b""
+                while b"\r\n\r\n" not in data or len(data.split(b"\r\n\r\n", 1)[1]) < _content_length(data):
+                    chunk = conn.recv(65536)
+                    assert chunk, f"the server closed the connection after {replies}"
+                    data += chunk
+                replies.append(data)
+        assert replies[0].startswith(b"HTTP/1.1 500") and b"application/problem+json" in replies[0]
+        assert b"secret internals" not in replies[0] and b"internal_error" in replies[0]
+        assert replies[1].startswith(b"HTTP/1.1 200")
+    finally:
+        server.should_exit = True
+        thread.join(10)
+
+
+def _content_length(response: bytes) -> int:
+    head = response.split(b"\r\n\r\n", 1)[0].decode("latin-1").lower()
+    return next((int(line.split(":", 1)[1]) for line in head.split("\r\n") if line.startswith("content-length:")), 0)
