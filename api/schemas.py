@@ -15,7 +15,13 @@ class Progress(BaseModel):
     message: str | None = None
     block: int | None = Field(None, examples=[11])
     total_blocks: int | None = Field(None, examples=[32])
-    fraction: float | None = Field(None, examples=[0.375])
+    fraction: float | None = Field(
+        None,
+        ge=0,
+        le=1,
+        examples=[0.375],
+        description="the whole run done so far, stages weighted by their usual share",
+    )
     eta_seconds: float | None = Field(None, examples=[412.0])
 
 

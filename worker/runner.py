@@ -20,6 +20,7 @@ from core.db.repositories import CalibrationSetRepository
 from core.jobs import execution
 from core.pruning.config import PruneConfig
 from core.pruning.errors import Cancelled, PruningError
+from core.pruning.progress import RunFraction, planned_stages
 from core.pruning.texts import parse_documents
 from core.settings import Settings
 from core.storage import Storage, StorageError, keys, make_storage
@@ -189,8 +190,10 @@ def run_job(settings: Settings, tenant_id: str, job_id: str, worker_id: str) -> 
                 )
             )
 
+    run_fraction = RunFraction(["load"])  # replaced by the config's plan once the config is read
+
     def on_progress(p: Any) -> None:
-        frac = p.fraction
+        frac = run_fraction(p)
         eta = None
         if frac:
             elapsed = time.monotonic() - t0
@@ -219,6 +222,7 @@ def run_job(settings: Settings, tenant_id: str, job_id: str, worker_id: str) -> 
     try:
         try:
             config = prepare_config(settings, storage, tenant_id, raw, work)
+            run_fraction = RunFraction(planned_stages(config))
             note(f"attempt {attempt} started on {worker_id}")
             from core.pruning.run import prune
 

@@ -4,7 +4,10 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from core.pruning.config import PruneConfig
 
 
 @dataclass(frozen=True)
@@ -20,6 +23,49 @@ class Progress:
         if self.block is None or not self.total_blocks:
             return None
         return (self.block + 1) / self.total_blocks
+
+
+# A rough share of a run's time per stage (pruning dominates; each perplexity pass is a forward over the eval
+# windows). Only the stages a run plans count, renormalised to sum to 1.
+STAGE_WEIGHTS = {
+    "load": 1,
+    "calibrate": 1,
+    "evaluate_dense": 2,
+    "structure": 4,
+    "prune": 10,
+    "evaluate": 2,
+    "export": 1,
+}
+
+
+def planned_stages(config: PruneConfig) -> list[str]:
+    """The stages `run.prune` goes through for this config, in order."""
+    evaluates = config.evaluation is not None
+    stages = ["load", "calibrate", *(["evaluate_dense"] if evaluates else [])]
+    stages += ["structure"] if config.structure is not None else []
+    stages += ["prune"] if config.sparsity is not None or config.nm is not None else []
+    return [*stages, *(["evaluate"] if evaluates else []), "export"]
+
+
+class RunFraction:
+    """The whole run's fraction done, in [0, 1] and never going back: the stages before this one, plus this one's
+    share times its own fraction (its blocks done; 0 when a stage reports only that it started)."""
+
+    def __init__(self, stages: list[str]):
+        total = sum(STAGE_WEIGHTS[s] for s in stages)
+        self.start: dict[str, float] = {}
+        self.share: dict[str, float] = {}
+        done = 0.0
+        for s in stages:
+            self.start[s], self.share[s] = done / total, STAGE_WEIGHTS[s] / total
+            done += STAGE_WEIGHTS[s]
+        self.last = 0.0
+
+    def __call__(self, p: Progress) -> float:
+        if p.stage in self.start:  # a stage outside the plan (a sub-step) keeps the last figure
+            now = self.start[p.stage] + self.share[p.stage] * (p.fraction or 0.0)
+            self.last = max(self.last, min(1.0, now))
+        return self.last
 
 
 ProgressFn = Callable[[Progress], None]

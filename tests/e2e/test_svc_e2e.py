@@ -287,6 +287,13 @@ def test_job_succeeds_and_every_artifact_verifies(stack: Stack, spec: dict, tmp_
         print(f"POST -> succeeded in {elapsed:.1f}s")
         assert job["attempt"] == 1 and job["timestamps"]["succeeded_at"] and job["progress"]["fraction"] == 1.0
         assert abs(job["metrics"]["achieved_sparsity"] - 0.5) < 0.01
+        events = c.get(f"/v1/pruning-jobs/{job['id']}/events", params={"limit": 500}).json()["data"]
+        fractions = [e["data"]["fraction"] for e in events if e["type"] == "progress"]
+        stages = [e["data"]["stage"] for e in events if e["type"] == "progress"]
+        assert {"load", "calibrate", "prune", "export"} <= set(stages), stages
+        assert all(0 <= f <= 1 for f in fractions) and fractions == sorted(fractions), (
+            fractions
+        )  # whole run, every stage
         arts = c.get(f"/v1/pruning-jobs/{job['id']}/artifacts").json()["data"]
         names = {a["name"] for a in arts}
         assert {"manifest.json", "metrics.json", "masks.safetensors", "config.json"} <= names
