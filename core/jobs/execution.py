@@ -181,9 +181,3 @@ def _requeue(session: Session, job: Job, now: datetime) -> Literal["requeued", "
 
 def never_enqueued(session: Session, grace_seconds: float = 30.0) -> list[tuple[str, str]]:
     return SystemRepository(session).never_enqueued(utcnow() - timedelta(seconds=grace_seconds))
-
-
-def mark_enqueued(session: Session, tenant_id: str, job_id: str) -> None:
-    job = JobRepository(session, tenant_id).get(job_id, lock=True)
-    if job is not None and job.status == JobStatus.queued.value:
-        job.enqueued_at = utcnow()

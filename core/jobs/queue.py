@@ -1,4 +1,4 @@
-"""Where queued jobs are published for the workers. The Celery implementation is ``worker.queue``.
+"""Where queued jobs are published for the workers. The Celery implementation is ``core.jobs.celery_queue``.
 
 A job is published only after the transaction that queued it has committed (a worker must find the row),
 and ``enqueued_at`` is set once the broker took the message. A publish that fails, or never happens because
