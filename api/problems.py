@@ -9,18 +9,16 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, Field
-from sqlalchemy import exc as sa_exc
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from core.errors import ServiceError
+from core.db.outage import DATABASE_UNAVAILABLE
+from core.errors import ServiceError, TooManyRequests
 
 log = logging.getLogger("secateurs.api")
 PROBLEM = "application/problem+json"
 TYPE_BASE = "urn:secateurs:problem:"
 RETRY_AFTER_S = 5  # what a client should wait after a 503: a database restart or failover takes seconds
-# the database cannot be reached or answered nothing (connection refused or lost, pool exhausted, SQLite locked)
-DATABASE_UNAVAILABLE = (sa_exc.OperationalError, sa_exc.InterfaceError, sa_exc.TimeoutError)
 
 
 class ProblemError(BaseModel):
@@ -76,6 +74,8 @@ def install(app: FastAPI) -> None:
     @app.exception_handler(ServiceError)
     async def _service(request: Request, exc: ServiceError) -> JSONResponse:
         headers = {"WWW-Authenticate": "Bearer"} if exc.status == 401 else None
+        if isinstance(exc, TooManyRequests):
+            headers = {"Retry-After": str(max(1, round(exc.retry_after)))}
         code = exc.code or exc.type_.replace("-", "_")
         return problem(
             exc.status,
@@ -179,48 +179,91 @@ class UnhandledErrors:
 
 
 def error_responses(*statuses: int) -> dict[int | str, dict[str, Any]]:
-    """OpenAPI `responses=` entries documenting problem+json errors with examples."""
-    titles = {
-        304: "Not Modified",
-        307: "Temporary Redirect",
-        400: "Bad Request",
-        401: "Unauthorized",
-        404: "Not found",
-        409: "Conflict",
-        413: "Content too large",
-        416: "Range Not Satisfiable",
-        422: "Invalid request",
-        503: "Service Unavailable",
-    }
-    details = {
-        400: "There was an error parsing the body",
-        401: "missing Authorization: Bearer <api key>",
-        404: "no pruning job 'job_0191c5f0a3b2ffffffffffffff'",
-        409: "job 'job_0191c5f0a3b2ffffffffffffff' already succeeded",
-        413: "calibration uploads are limited to 20971520 bytes",
-        422: "sparsity: Input should be less than 1",
-        503: "database: connection refused",
-    }
+    """OpenAPI `responses=` entries documenting problem+json errors with examples (and their headers)."""
     out: dict[int | str, dict[str, Any]] = {}
     for s in statuses:
         if s in (304, 307):
-            out[s] = {"description": titles[s]}
+            out[s] = {"description": TITLES[s]}
             continue
-        example: dict[str, Any] = {
-            "type": "about:blank",
-            "title": titles.get(s, "Error"),
-            "status": s,
-            "detail": details.get(s),
-        }
-        if s == 422:
-            example.update(
-                type=TYPE_BASE + "validation-error",
-                code="validation_error",
-                errors=[{"loc": ["body", "sparsity"], "msg": "Input should be less than 1", "type": "less_than"}],
-            )
+        example: dict[str, Any] = {"type": "about:blank", "title": TITLES.get(s, "Error"), "status": s}
+        example.update(EXAMPLES.get(s, {}))
         out[s] = {
-            "description": titles.get(s, "Error"),
-            "model": Problem,
-            "content": {PROBLEM: {"schema": {"$ref": "#/components/schemas/Problem"}, "example": example}},
+            "description": TITLES.get(s, "Error"),
+            "content": {PROBLEM: {"schema": {"$ref": PROBLEM_REF}, "example": example}},
         }
+        if s in HEADERS:
+            out[s]["headers"] = HEADERS[s]
     return out
+
+
+PROBLEM_REF = "#/components/schemas/Problem"
+TITLES = {
+    304: "Not Modified",
+    307: "Temporary Redirect",
+    400: "Bad Request",
+    401: "Unauthorized",
+    404: "Not found",
+    405: "Method Not Allowed",
+    409: "Conflict",
+    413: "Content too large",
+    416: "Range Not Satisfiable",
+    422: "Invalid request",
+    429: "Too many requests",
+    500: "Internal Server Error",
+    503: "Service Unavailable",
+}
+EXAMPLES: dict[int, dict[str, Any]] = {
+    400: {"detail": "There was an error parsing the body"},
+    401: {
+        "type": TYPE_BASE + "unauthorized",
+        "detail": "missing Authorization: Bearer <api key>",
+        "code": "unauthorized",
+    },
+    404: {
+        "type": TYPE_BASE + "not-found",
+        "detail": "no pruning job 'job_0191c5f0a3b2ffffffffffffff'",
+        "code": "not_found",
+    },
+    409: {
+        "type": TYPE_BASE + "conflict",
+        "detail": "job 'job_0191c5f0a3b2ffffffffffffff' already succeeded",
+        "code": "job_finished",
+    },
+    413: {
+        "type": TYPE_BASE + "too-large",
+        "detail": "calibration uploads are limited to 20971520 bytes",
+        "code": "too_large",
+    },
+    422: {
+        "type": TYPE_BASE + "validation-error",
+        "detail": "sparsity: Input should be less than 1",
+        "code": "validation_error",
+        "errors": [{"loc": ["body", "sparsity"], "msg": "Input should be less than 1", "type": "less_than"}],
+    },
+    429: {
+        "type": TYPE_BASE + "too-many-requests",
+        "detail": "at most 100 open event streams per tenant",
+        "code": "too_many_requests",
+    },
+    500: {"detail": "an unexpected error occurred; it has been logged", "code": "internal_error"},
+    503: {
+        "type": TYPE_BASE + "service-unavailable",
+        "detail": "the database cannot be reached; retry later",
+        "code": "database_unavailable",
+    },
+}
+HEADERS: dict[int, dict[str, Any]] = {
+    401: {"WWW-Authenticate": {"description": "always `Bearer`", "schema": {"type": "string"}}},
+    429: {
+        "Retry-After": {
+            "description": "seconds to wait before retrying",
+            "schema": {"type": "integer", "minimum": 0},
+        }
+    },
+    503: {
+        "Retry-After": {
+            "description": "seconds to wait before retrying",
+            "schema": {"type": "integer", "minimum": 0},
+        }
+    },
+}

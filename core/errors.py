@@ -40,3 +40,11 @@ class TooLarge(ServiceError):
 
 class Unauthorized(ServiceError):
     status, title, type_ = 401, "Unauthorized", "unauthorized"
+
+
+class TooManyRequests(ServiceError):
+    status, title, type_ = 429, "Too many requests", "too-many-requests"
+
+    def __init__(self, detail: str, *, retry_after: float) -> None:
+        super().__init__(detail)
+        self.retry_after = retry_after

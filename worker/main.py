@@ -1,7 +1,9 @@
 """Worker entry point: ``celery -A worker.main worker`` (or ``secateurs service worker``).
 
-Besides the prune task, the worker's main process runs the lost-job sweep (``worker.sweep``) in a thread:
-it re-enqueues jobs whose worker died (lease expired) and jobs whose enqueue never happened.
+Besides the prune task, the worker's main process runs the sweep (``worker.sweep``) in a thread: it hands on
+jobs whose worker died, publishes jobs whose message never reached or left the broker, publishes webhook
+deliveries that are due, and removes the scratch of dead attempts. A job's terminal transition (in the task's
+child process) publishes its webhook deliveries right after its commit, through this process's outbox.
 """
 
 from __future__ import annotations
@@ -11,24 +13,29 @@ import threading
 
 from celery.signals import worker_init, worker_ready, worker_shutting_down
 
+from core.jobs.celery_queue import CeleryQueue
 from core.settings import get_settings
+from core.webhooks import outbox
+from core.webhooks.celery_queue import CeleryDeliveryQueue
 from worker import tasks  # noqa: F401  (registers the task)
 from worker.celery_app import make_celery
-from worker.sweep import sweep
+from worker.sweep import Sweeper
 
 log = logging.getLogger("secateurs.worker")
 
 app = make_celery(get_settings())
+outbox.configure(outbox.Outbox.of(app.conf.secateurs_settings, CeleryDeliveryQueue(app)))
 _stop = threading.Event()
 
 
 def _sweeper() -> None:
     s = app.conf.secateurs_settings
+    sweeper = Sweeper(s, CeleryQueue(app), CeleryDeliveryQueue(app))
     while not _stop.is_set():
         try:
-            sweep(s, app)
-        except Exception:  # keep sweeping; the database may be briefly unavailable
-            log.exception("lost-job sweep failed")
+            sweeper.tick()
+        except Exception:  # keep sweeping; the broker or storage may be briefly unavailable
+            log.exception("sweep failed")
         _stop.wait(s.reaper_interval_seconds)
 
 

@@ -16,6 +16,7 @@ from typing import Any
 
 from core.db.engine import session_scope
 from core.db.models import Artifact
+from core.db.outage import DATABASE_UNAVAILABLE, retry_while_unavailable
 from core.db.repositories import CalibrationSetRepository
 from core.jobs import execution
 from core.pruning.config import PruneConfig
@@ -24,12 +25,18 @@ from core.pruning.progress import RunFraction, planned_stages
 from core.pruning.texts import parse_documents
 from core.settings import Settings
 from core.storage import Storage, StorageError, keys, make_storage
+from worker.progress_throttle import ProgressThrottle
 
 log = logging.getLogger("secateurs.worker")
 
 
 class JobLost(Exception):
     """This attempt no longer owns the job (lease expired and it was handed on)."""
+
+
+class ClaimUnavailable(Exception):
+    """The job could not be claimed because the database stayed unreachable: its message must go back to the
+    broker (redelivered), not be acknowledged."""
 
 
 class _Control:
@@ -49,17 +56,26 @@ class _Control:
 
 
 class _Heartbeat(threading.Thread):
-    def __init__(self, settings: Settings, tenant_id: str, job_id: str, attempt: int, ctl: _Control) -> None:
+    """Renews the lease every third of it; in between, writes the progress report the throttle holds."""
+
+    def __init__(
+        self, settings: Settings, tenant_id: str, job_id: str, attempt: int, ctl: _Control, progress: ProgressThrottle
+    ) -> None:
         super().__init__(name="secateurs-heartbeat", daemon=True)
-        self.s, self.t, self.j, self.a, self.ctl = settings, tenant_id, job_id, attempt, ctl
+        self.s, self.t, self.j, self.a, self.ctl, self.progress = settings, tenant_id, job_id, attempt, ctl, progress
         self.done = threading.Event()
 
     def run(self) -> None:
-        every = max(0.2, self.s.lease_seconds / 3)
-        while not self.done.wait(every):
+        renew_every = max(0.2, self.s.lease_seconds / 3)
+        tick = min(renew_every, max(0.1, self.s.progress_event_interval_seconds))
+        renewed = time.monotonic()
+        while not self.done.wait(tick):
             try:
-                with session_scope(self.s.db_url) as sess:
-                    self.ctl.update(execution.heartbeat(sess, self.t, self.j, self.a, self.s.lease_seconds))
+                self.progress.flush_due()
+                if time.monotonic() - renewed >= renew_every:
+                    renewed = time.monotonic()
+                    with session_scope(self.s.db_url) as sess:
+                        self.ctl.update(execution.heartbeat(sess, self.t, self.j, self.a, self.s.lease_seconds))
             except Exception:
                 log.exception("heartbeat failed for %s", self.j)
 
@@ -71,6 +87,7 @@ def _jsonable(x: Any) -> Any:
 SUMMARY_KEYS = (
     "achieved_sparsity",
     "perplexity",
+    "tasks",
     "timings",
     "model",
     "device",
@@ -156,18 +173,55 @@ def _error_of(e: BaseException) -> tuple[str, str]:
     return "internal_error", f"{e.__class__.__name__}: {e}"
 
 
+def _claim(settings: Settings, tenant_id: str, job_id: str, worker_id: str) -> tuple[execution.Claim, dict[str, Any]]:
+    def once() -> tuple[execution.Claim, dict[str, Any]]:
+        with session_scope(settings.db_url) as sess:
+            c = execution.claim(sess, tenant_id, job_id, worker_id, settings.lease_seconds)
+            return c, dict(c.job.config) if c.job is not None else {}
+
+    try:
+        return retry_while_unavailable(once, seconds=settings.database_retry_seconds, what=f"claim {job_id}")
+    except DATABASE_UNAVAILABLE as e:
+        raise ClaimUnavailable(f"database unavailable: {e.__class__.__name__}") from e
+
+
+def _finish(settings: Settings, tenant_id: str, job_id: str, attempt: int, **kw: Any) -> str | None:
+    """``execution.finish``, riding out a database outage: a finished job's outcome is worth waiting for."""
+
+    def once() -> str | None:
+        with session_scope(settings.db_url) as sess:
+            status = execution.finish(sess, tenant_id, job_id, attempt, **kw)
+            if status is None:  # a commit that failed on the wire may have landed: then the job ended with us
+                status = execution.ended_by(sess, tenant_id, job_id, attempt)
+            return status
+
+    return retry_while_unavailable(once, seconds=settings.database_retry_seconds, what=f"finish {job_id}")
+
+
 def run_job(settings: Settings, tenant_id: str, job_id: str, worker_id: str) -> str:
     url = settings.db_url
-    with session_scope(url) as sess:
-        c = execution.claim(sess, tenant_id, job_id, worker_id, settings.lease_seconds)
-        raw = dict(c.job.config) if c.job is not None else {}
+    c, raw = _claim(settings, tenant_id, job_id, worker_id)
     if c.outcome != "claimed":
         log.info("job %s: not run (%s: %s)", job_id, c.outcome, c.reason)
         return c.outcome
     attempt = c.attempt
     log.info("job %s: attempt %d claimed by %s", job_id, attempt, worker_id)
     ctl = _Control()
-    hb = _Heartbeat(settings, tenant_id, job_id, attempt, ctl)
+
+    def report(**what: Any) -> None:
+        """Progress and log events are best effort: while the database is unreachable they are dropped (the
+        heartbeat keeps trying to hold the lease) rather than failing a job that is otherwise fine."""
+        try:
+            with session_scope(url) as sess:
+                ctl.update(execution.report(sess, tenant_id, job_id, attempt, settings.lease_seconds, **what))
+        except DATABASE_UNAVAILABLE as e:
+            log.warning("job %s: report dropped, database unavailable (%s)", job_id, e.__class__.__name__)
+
+    progress = ProgressThrottle(
+        lambda prog, data: report(progress=prog, event=None if data is None else ("progress", data)),
+        settings.progress_event_interval_seconds,
+    )
+    hb = _Heartbeat(settings, tenant_id, job_id, attempt, ctl, progress)
     hb.start()
     storage = make_storage(settings)
     prefix = keys.attempt_prefix(tenant_id, job_id, attempt)
@@ -178,17 +232,8 @@ def run_job(settings: Settings, tenant_id: str, job_id: str, worker_id: str) -> 
     t0 = time.monotonic()
 
     def note(message: str, level: str = "info") -> None:
-        with session_scope(url) as sess:
-            ctl.update(
-                execution.report(
-                    sess,
-                    tenant_id,
-                    job_id,
-                    attempt,
-                    settings.lease_seconds,
-                    event=("log", {"level": level, "message": message}),
-                )
-            )
+        progress.flush()  # keep the events in the order they happened
+        report(event=("log", {"level": level, "message": message}))
 
     run_fraction = RunFraction(["load"])  # replaced by the config's plan once the config is read
 
@@ -209,12 +254,11 @@ def run_job(settings: Settings, tenant_id: str, job_id: str, worker_id: str) -> 
         data = {k: v for k, v in prog.items() if v is not None}
         if getattr(p, "data", None):
             data["data"] = _jsonable(p.data)
-        with session_scope(url) as sess:
-            ctl.update(
-                execution.report(
-                    sess, tenant_id, job_id, attempt, settings.lease_seconds, progress=prog, event=("progress", data)
-                )
-            )
+        progress.offer(prog, data)
+
+    def finish(**outcome: Any) -> str | None:
+        progress.flush()  # the last progress report, before the terminal status
+        return _finish(settings, tenant_id, job_id, attempt, **outcome)
 
     def should_stop() -> bool:
         return ctl.stop
@@ -252,16 +296,15 @@ def run_job(settings: Settings, tenant_id: str, job_id: str, worker_id: str) -> 
                 )
                 if ctl.lost:
                     raise JobLost()
-            with session_scope(url) as sess:
-                status = execution.finish(
-                    sess,
-                    tenant_id,
-                    job_id,
-                    attempt,
-                    outcome="succeeded",
-                    artifacts=arts,
-                    metrics=summarize(result.metrics),
-                )
+            status = _finish(
+                settings,
+                tenant_id,
+                job_id,
+                attempt,
+                outcome="succeeded",
+                artifacts=arts,
+                metrics=summarize(result.metrics),
+            )
             if status != "succeeded":
                 storage.delete_prefix(prefix)
             log.info("job %s: attempt %d -> %s", job_id, attempt, status)
@@ -272,8 +315,7 @@ def run_job(settings: Settings, tenant_id: str, job_id: str, worker_id: str) -> 
             return "lost"
         except Cancelled:
             storage.delete_prefix(prefix)
-            with session_scope(url) as sess:
-                status = execution.finish(sess, tenant_id, job_id, attempt, outcome="cancelled")
+            status = finish(outcome="cancelled")
             return status or "lost"
         except BaseException as e:
             code, message = _error_of(e)
@@ -285,8 +327,7 @@ def run_job(settings: Settings, tenant_id: str, job_id: str, worker_id: str) -> 
                 storage.delete_prefix(prefix)
             except Exception:
                 log.exception("cleanup of %s failed", prefix)
-            with session_scope(url) as sess:
-                status = execution.finish(sess, tenant_id, job_id, attempt, outcome="failed", error=(code, message))
+            status = finish(outcome="failed", error=(code, message))
             if not isinstance(e, Exception):
                 raise
             return status or "lost"

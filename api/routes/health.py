@@ -6,10 +6,15 @@ from fastapi import APIRouter, Request, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from sqlalchemy import text
 
-from api.problems import RETRY_AFTER_S, error_responses, problem
+from api.problems import PROBLEM, RETRY_AFTER_S, error_responses, problem
 from api.schemas import Health, Ready
 
 router = APIRouter(tags=["operations"])
+
+NOT_READY = error_responses(503)
+NOT_READY[503]["content"][PROBLEM]["example"].update(
+    type="about:blank", detail="database: error: OperationalError", code="not_ready"
+)
 
 
 @router.get("/healthz", summary="Liveness: the process answers")
@@ -21,7 +26,7 @@ def healthz() -> Health:
     "/readyz",
     response_model=Ready,
     summary="Readiness: database, broker and storage reachable",
-    responses=error_responses(503),
+    responses=NOT_READY,
 )
 def readyz(request: Request) -> Ready | Response:
     st = request.app.state

@@ -42,7 +42,9 @@ def make_engine(url: str, echo: bool = False) -> Engine:
             conn.exec_driver_sql("BEGIN IMMEDIATE")
 
         return engine
-    return create_engine(url, echo=echo, pool_pre_ping=True, pool_size=10, max_overflow=20)
+    # a short connect timeout: an unreachable host must fail fast (and answer 503), not hang a request
+    args = {"connect_timeout": 5} if url.startswith("postgresql") else {}
+    return create_engine(url, echo=echo, connect_args=args, pool_pre_ping=True, pool_size=10, max_overflow=20)
 
 
 def get_engine(url: str, echo: bool = False) -> Engine:
@@ -61,8 +63,9 @@ def dispose_all() -> None:
         _engines.clear()
 
 
-def session_factory(url: str) -> sessionmaker[Session]:
-    return sessionmaker(bind=get_engine(url), expire_on_commit=False, autoflush=False)
+def session_factory(url: str, info: dict | None = None) -> sessionmaker[Session]:
+    """``info``: what every session of the factory starts with in ``Session.info``."""
+    return sessionmaker(bind=get_engine(url), expire_on_commit=False, autoflush=False, info=info)
 
 
 def after_commit(session: Session, hook: AfterCommit) -> None:

@@ -14,7 +14,8 @@ from sqlalchemy.orm import Session
 
 from core.db.models import Artifact, Job, utcnow
 from core.db.repositories import JobRepository, SystemRepository
-from core.jobs.state import ACTIVE, JobStatus, transition
+from core.jobs.state import ACTIVE, TERMINAL, JobStatus, transition
+from core.webhooks.outbox import record_progress
 
 WORKER_LOST = "worker_lost"
 
@@ -106,6 +107,7 @@ def report(
         job.progress = progress
         job.updated_at = now
         job.version += 1
+        record_progress(session, job, now)  # job.progress webhooks, for the endpoints that asked for them
     if event is not None:
         repo.add_event(job, *event)
     return "cancel" if job.cancel_requested else "ok"
@@ -147,6 +149,14 @@ def finish(
         code, message = error or ("internal_error", "unknown error")
         job.error_code, job.error_message = code, message[:4000]
         transition(session, job, JobStatus.failed, now=now)
+    return job.status
+
+
+def ended_by(session: Session, tenant_id: str, job_id: str, attempt: int) -> str | None:
+    """The job's final status when ``attempt`` is the attempt that ended it, else None."""
+    job = JobRepository(session, tenant_id).get(job_id)
+    if job is None or job.attempt != attempt or JobStatus(job.status) not in TERMINAL:
+        return None
     return job.status
 
 

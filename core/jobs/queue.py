@@ -8,6 +8,7 @@ the process died, leaves ``enqueued_at`` empty and the worker's sweep publishes 
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 from typing import Protocol
 
 from sqlalchemy.orm import Session
@@ -27,6 +28,9 @@ class JobQueue(Protocol):
     def check(self) -> None:
         """Raise when the broker cannot be reached."""
 
+    def waiting(self) -> set[str] | None:
+        """Ids of the jobs whose messages wait for a worker in the broker; None when the broker cannot say."""
+
 
 def mark_enqueued(session: Session, tenant_id: str, job_id: str) -> None:
     job = JobRepository(session, tenant_id).get(job_id, lock=True)
@@ -34,15 +38,27 @@ def mark_enqueued(session: Session, tenant_id: str, job_id: str) -> None:
         job.enqueued_at = utcnow()
 
 
-def enqueue_after_commit(session: Session, queue: JobQueue, tenant_id: str, job_id: str) -> None:
-    """Publish the job once ``session``'s unit of work commits, then note that it was published."""
+@dataclass
+class Publication:
+    """What became of one job's publication: None until the commit, then whether the broker took it."""
+
+    published: bool | None = None
+
+
+def enqueue_after_commit(session: Session, queue: JobQueue, tenant_id: str, job_id: str) -> Publication:
+    """Publish the job once ``session``'s unit of work commits, then note that it was published. A broker
+    that cannot take it (down, or slower than the enqueue timeout) leaves the job for the sweep."""
+    outcome = Publication()
 
     def publish(s: Session) -> None:
         try:
             queue.publish(tenant_id, job_id)
-        except Exception:
-            log.exception("publishing %s failed; the sweep will retry", job_id)
+        except Exception as e:
+            outcome.published = False
+            log.warning("publishing %s failed (%s: %s); the sweep will publish it", job_id, e.__class__.__name__, e)
             return
+        outcome.published = True
         mark_enqueued(s, tenant_id, job_id)
 
     after_commit(session, publish)
+    return outcome

@@ -1,8 +1,9 @@
 """The job state machine. ``transition()`` is the only way a job's status changes.
 
 A transition stamps the job and then runs the after-transition policies in the caller's transaction, so
-what follows from a status change (its ``status`` event today, a webhook outbox row later) is written
-atomically with it, and no call site writes it by hand.
+what follows from a status change (its ``status`` event; for a terminal status, a webhook delivery per
+subscribed endpoint, the outbox rows of ``core.webhooks.outbox``) is written atomically with it, and no call
+site writes it by hand.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from sqlalchemy.orm import Session
 
 from core.db.models import Job, utcnow
 from core.db.repositories import JobRepository
+from core.webhooks.outbox import record_webhook_deliveries
 
 
 class JobStatus(StrEnum):
@@ -81,8 +83,8 @@ def record_status_event(session: Session, change: StatusChange) -> None:
     JobRepository(session, change.job.tenant_id).add_event(change.job, "status", status_event_data(change))
 
 
-# Run in order after every transition, in the same transaction (webhooks add their outbox row here).
-AFTER_TRANSITION: list[AfterTransition] = [record_status_event]
+# Run in order after every transition, in the same transaction.
+AFTER_TRANSITION: list[AfterTransition] = [record_status_event, record_webhook_deliveries]
 
 
 def can_transition(current: str | None, new: str) -> bool:

@@ -15,6 +15,7 @@ from core.jobs import execution
 from core.jobs.schemas import JobCreate
 from core.jobs.service import JobService
 from core.settings import Settings
+from tests.conftest import require
 
 
 @pytest.fixture
@@ -218,3 +219,186 @@ def test_error_codes_of_exceptions():
     assert _error_of(StorageError("bucket gone"))[0] == "storage_error"
     code, msg = _error_of(KeyError("x"))
     assert code == "internal_error" and "KeyError" in msg
+
+
+def _dead_db_url() -> str:
+    import socket
+
+    with socket.socket() as sock:  # a port nobody listens on: connection refused, as when Postgres is down
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    return f"postgresql+psycopg://postgres@127.0.0.1:{port}/nothing"
+
+
+@pytest.fixture(params=["embedded", "redis"])
+def broker_env(env, request):  # noqa: ANN001, ANN201
+    """``env`` with the embedded broker (kombu on SQLite) or Redis (its own queue)."""
+    import uuid
+
+    from tests.service_fixtures import REDIS_URL, redis_up
+
+    s, tid = env
+    if request.param == "redis":
+        require(redis_up(), f"Redis not reachable at {REDIS_URL}")
+        s = s.model_copy(update={"broker_url": REDIS_URL, "queue": f"secateurs-test-{uuid.uuid4().hex[:8]}"})
+    yield s, tid
+    if request.param == "redis":
+        import redis
+
+        redis.Redis.from_url(REDIS_URL).delete(s.queue)
+
+
+def _drain(app, queue: str) -> int:  # noqa: ANN001
+    """Take every waiting message and acknowledge it without running it (as a task that failed to claim
+    and was acknowledged would); how many there were."""
+    n = 0
+    with app.connection_for_write() as conn, conn.SimpleQueue(queue) as q:
+        while True:
+            try:
+                q.get(timeout=0.5).ack()
+            except q.Empty:
+                return n
+            n += 1
+
+
+def test_sweep_publishes_again_a_queued_job_whose_message_vanished(broker_env):  # noqa: ANN001
+    import time
+
+    from core.jobs.celery_queue import CeleryQueue
+    from core.jobs.queue import enqueue_after_commit
+    from worker.celery_app import make_celery
+    from worker.sweep import Sweeper
+
+    s, tid = broker_env
+    s = s.model_copy(update={"redeliver_after_seconds": 1.5})
+    app = make_celery(s)
+    queue = CeleryQueue(app)
+    waiting, lost = new_job(s, tid), new_job(s, tid)
+    for jid in (waiting, lost):
+        with session_scope(s.db_url) as sess:
+            enqueue_after_commit(sess, queue, tid, jid)
+    assert queue.waiting() == {waiting, lost}
+    sweeper = Sweeper(s, queue)
+    time.sleep(1.6)
+    assert sweeper.sweep()["republished"] == 0  # both still in line: nothing to do
+    assert _drain(app, s.queue) == 2  # both messages gone (taken and acknowledged, nobody claimed)
+    with session_scope(s.db_url) as sess:
+        enqueue_after_commit(sess, queue, tid, waiting)  # one of them is published again by someone
+    assert sweeper.sweep()["republished"] == 1  # the lost one (overdue); the other waits in the queue
+    assert queue.waiting() == {waiting, lost}
+    assert _drain(app, s.queue) == 2
+    assert sweeper.sweep()["republished"] == 0  # both published < 1.5 s ago: once per period, not every pass
+    time.sleep(1.6)
+    assert sweeper.sweep()["republished"] == 2
+    claim(s, tid, lost)
+    assert _drain(app, s.queue) == 2
+    time.sleep(1.6)
+    assert sweeper.sweep()["republished"] == 1  # only the unclaimed one
+
+
+def test_a_claim_on_an_unreachable_database_is_rejected_for_redelivery(env):  # noqa: ANN001
+    """Not acknowledged and dropped: the task raises Celery's Reject(requeue=True), after retrying."""
+    import time
+
+    from celery.exceptions import Reject
+
+    from worker.tasks import prune_job
+
+    s, tid = env
+    jid = new_job(s, tid)
+    down = s.model_copy(update={"database_url": _dead_db_url(), "database_retry_seconds": 1.0})
+    before = getattr(prune_job.app.conf, "secateurs_settings", None)
+    prune_job.app.conf.secateurs_settings = down
+    try:
+        t0 = time.monotonic()
+        with pytest.raises(Reject) as e:
+            prune_job(tid, jid)
+    finally:
+        prune_job.app.conf.secateurs_settings = before
+    assert e.value.requeue is True
+    assert 0.5 < time.monotonic() - t0 < 10  # it retried (for at most database_retry_seconds) first
+    assert get(s, tid, jid)[0].status == "queued"
+
+
+def test_sweep_removes_scratch_of_attempts_that_no_longer_run(env):  # noqa: ANN001
+    from worker.celery_app import make_celery
+    from worker.sweep import sweep
+
+    s, tid = env
+    running, requeued, done = new_job(s, tid), new_job(s, tid), new_job(s, tid)
+    for jid in (running, requeued, done):
+        claim(s, tid, jid)
+    expire_lease(s, tid, requeued)
+    with session_scope(s.db_url) as sess:
+        execution.finish(sess, tid, done, 1, outcome="failed", error=("x", "y"))
+    root = s.work_path
+    dirs = {
+        "live": root / running / "attempt-1",
+        "old attempt of a running job": root / running / "attempt-0",
+        "lost attempt": root / requeued / "attempt-1",
+        "finished job": root / done / "attempt-1",
+        "unknown job": root / "job_gone" / "attempt-3",
+    }
+    for d in dirs.values():
+        (d / "out").mkdir(parents=True)
+        (d / "out" / "model.safetensors").write_bytes(b"x" * 1000)
+    counts = sweep(s, make_celery(s))
+    assert counts["requeued"] == 1 and counts["scratch_removed"] == 4
+    assert [k for k, d in dirs.items() if d.exists()] == ["live"]
+    assert sorted(p.name for p in root.iterdir()) == [running]
+
+
+def test_sweep_waits_a_lease_after_a_database_outage_before_judging_leases(env):  # noqa: ANN001
+    """While the database was down no worker could renew its lease: a lease that expired meanwhile is not a
+    lost worker until the workers have had a lease period to renew it."""
+    import time
+
+    from core.jobs.celery_queue import CeleryQueue
+    from worker.celery_app import make_celery
+    from worker.sweep import Sweeper
+
+    s, tid = env
+    s = s.model_copy(update={"lease_seconds": 1.0})
+    jid = new_job(s, tid)
+    claim(s, tid, jid)
+    expire_lease(s, tid, jid)
+    sweeper = Sweeper(s.model_copy(update={"database_url": _dead_db_url()}), CeleryQueue(make_celery(s)))
+    assert sweeper.tick() == {}  # the outage is noted, nothing happens
+    sweeper.s = s  # the database is back
+    assert sweeper.tick()["requeued"] == 0
+    assert get(s, tid, jid)[0].status == "running"
+    time.sleep(1.1)
+    assert sweeper.tick()["requeued"] == 1
+
+
+def test_a_real_run_writes_at_most_one_progress_event_per_interval(env, stories260k):  # noqa: ANN001
+    """A real attempt on stories260k, with every report written (interval 0) and with an interval longer than
+    the run: then each stage writes its first report and its last one, and the job's progress is the last."""
+    from worker.runner import run_job
+
+    s, tid = env
+    s = s.model_copy(update={"allowed_model_roots": [stories260k.parent], "device": "cpu"})
+    text = "Once upon a time there was a little girl named Lily. She liked to play outside. " * 30
+    written: dict[float, list[dict]] = {}
+    for interval in (0.0, 3600.0):
+        jid = new_job(
+            s.model_copy(update={"progress_event_interval_seconds": interval}),
+            tid,
+            model=str(stories260k),
+            calibration={"texts": [text], "nsamples": 4, "seqlen": 64},
+        )
+        assert (
+            run_job(s.model_copy(update={"progress_event_interval_seconds": interval}), tid, jid, "w1") == "succeeded"
+        )
+        job, evs = get(s, tid, jid)
+        written[interval] = [{k: d.get(k) for k in ("stage", "block", "fraction")} for t, d in evs if t == "progress"]
+        assert job.progress["stage"] == "export" and job.progress["fraction"] == 1.0
+    every, throttled = written[0.0], written[3600.0]
+    stages = list(dict.fromkeys(p["stage"] for p in every))
+    per_stage = {st: [p for p in throttled if p["stage"] == st] for st in stages}
+    assert len(every) > len(throttled)
+    for st, reports in per_stage.items():
+        firsts_and_lasts = [p for p in every if p["stage"] == st]
+        assert reports == (
+            firsts_and_lasts[:1] + firsts_and_lasts[-1:] if len(firsts_and_lasts) > 1 else firsts_and_lasts
+        )
