@@ -6,8 +6,9 @@ import time
 from datetime import timedelta
 from typing import Any
 
-from prometheus_client import CollectorRegistry, Histogram
+from prometheus_client import CollectorRegistry, Counter, Histogram
 from prometheus_client.core import GaugeMetricFamily, HistogramMetricFamily
+from sqlalchemy import Engine, event
 from sqlalchemy.orm import Session, sessionmaker
 
 from core.db.models import utcnow
@@ -43,6 +44,13 @@ class JobCollector:
             buckets = [(str(b), sum(1 for d in ds if d <= b)) for b in DURATION_BUCKETS] + [("+Inf", len(ds))]
             h.add_metric([status], buckets, sum_value=sum(ds))
         yield h
+
+
+def count_transactions(engine: Engine, registry: CollectorRegistry) -> None:
+    """``secateurs_db_transactions_total``: database transactions this process began (what idle event streams
+    must not add to)."""
+    counter = Counter("secateurs_db_transactions", "Database transactions begun by this process", registry=registry)
+    event.listen(engine, "begin", lambda _conn: counter.inc())
 
 
 class MetricsMiddleware:

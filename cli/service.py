@@ -7,7 +7,9 @@ from typing import Annotated
 
 import typer
 
-app = typer.Typer(no_args_is_help=True, help="Run and administer the pruning-jobs service (API + worker).")
+app = typer.Typer(
+    no_args_is_help=True, help="Run and administer the pruning-jobs service (API, prune and webhook workers)."
+)
 
 
 def _settings():  # noqa: ANN202
@@ -71,7 +73,12 @@ def create_key(
 def serve_api(
     host: str = "127.0.0.1",
     port: int = 8000,
-    workers: int = 1,
+    workers: Annotated[
+        int,
+        typer.Option(
+            min=1, envvar="SECATEURS_API_WORKERS", help="API processes; on Postgres each hears every job event"
+        ),
+    ] = 1,
     migrate_first: Annotated[bool, typer.Option("--migrate/--no-migrate", help="run migrations first")] = True,
 ) -> None:
     """Serve the HTTP API with uvicorn."""
@@ -80,7 +87,16 @@ def serve_api(
     if migrate_first:
         migrate()
     uvicorn.run(
-        "api.app:create_app", factory=True, host=host, port=port, workers=workers, log_level="info", access_log=False
+        "api.app:create_app",
+        factory=True,
+        host=host,
+        port=port,
+        workers=workers,
+        log_level="info",
+        access_log=False,
+        proxy_headers=True,
+        # event streams end by themselves on SIGTERM (api.streams); this bounds any other slow response
+        timeout_graceful_shutdown=30,
     )
 
 
@@ -109,14 +125,47 @@ def run_worker(
     celery_app.worker_main(argv + list(ctx.args))
 
 
+@app.command("webhooks", context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
+def run_webhooks(
+    ctx: typer.Context,
+    loglevel: str = "INFO",
+    threads: Annotated[
+        int | None, typer.Option(min=1, help="concurrent deliveries (default SECATEURS_WEBHOOK_WORKER_THREADS)")
+    ] = None,
+    hostname: Annotated[str | None, typer.Option(help="Celery node name")] = None,
+) -> None:
+    """Run the webhook worker: a Celery worker on the webhook queue only, with a pool of threads (deliveries
+    wait on the network, not the CPU). Extra args go to Celery."""
+    from worker.webhooks import app as celery_app
+
+    s = celery_app.conf.secateurs_settings
+    argv = [
+        "worker",
+        f"--loglevel={loglevel}",
+        "--pool=threads",
+        f"--concurrency={threads or s.webhook_worker_threads}",
+        "-Q",
+        s.webhooks_queue,
+        "--without-gossip",
+        "--without-mingle",
+        "--without-heartbeat",
+    ]
+    if hostname:
+        argv.append(f"--hostname={hostname}")
+    celery_app.worker_main(argv + list(ctx.args))
+
+
 @app.command("demo")
 def demo(
     model: Annotated[
         str | None, typer.Option(help="model directory or hub id (default: the bundled tiny model)")
     ] = None,
     port: int = 8765,
+    serve: Annotated[
+        bool, typer.Option("--serve", help="keep the API, the worker and the dashboard up afterwards, until Ctrl-C")
+    ] = False,
 ) -> None:
     """Start API + worker on the embedded defaults, run one real pruning job over HTTP, verify it."""
     from cli.demo import main as demo_main
 
-    sys.exit(demo_main(model=model, port=port))
+    sys.exit(demo_main(model=model, port=port, serve=serve))

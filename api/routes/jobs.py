@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import hashlib
 import json
 from typing import Annotated, Any
@@ -13,17 +12,19 @@ from pydantic import BaseModel
 from starlette.concurrency import run_in_threadpool
 
 from api.deps import PrincipalDep, QueueDep, SessionDep, SettingsDep, bearer_scheme
-from api.params import MAX_SEQ, ArtifactName, IdCursor, JobId, SeqCursor
+from api.params import MAX_SEQ, ArtifactName, IdCursor, JobId, SeqCursor, StatusFilter, status_list
 from api.problems import error_responses
 from api.schemas import ArtifactList, EventList, JobList, JobOut, artifact_out, event_out, job_out
+from api.streams import KEEPALIVE_S, EventStreamResponse, TooManyStreams, job_events
 from core.auth import authenticate
+from core.db.engine import commit
 from core.db.models import Job
-from core.errors import NotFound, ServiceError
+from core.errors import ServiceError, TooManyRequests
 from core.jobs.schemas import JobCreate
 from core.jobs.service import JobService, StoredResponse
-from core.jobs.state import TERMINAL
 
 router = APIRouter(prefix="/v1/pruning-jobs", tags=["pruning jobs"])
+ENQUEUE_HEADER = "Secateurs-Enqueue"
 
 
 def _base(request: Request) -> str:
@@ -60,6 +61,12 @@ def _etag_of(model: BaseModel) -> str:
             "headers": {
                 "Location": {"schema": {"type": "string"}},
                 "Idempotent-Replayed": {"schema": {"type": "string"}, "description": "set on replays"},
+                ENQUEUE_HEADER: {
+                    "schema": {"type": "string", "enum": ["published", "deferred"]},
+                    "description": "on a creation: `published` when the job reached the queue; `deferred` when "
+                    "the broker could not take it within the enqueue timeout. A deferred job is stored and "
+                    "queued, and the workers' sweep publishes it as soon as the broker is back.",
+                },
             },
         },
         **error_responses(400, 401, 409, 422),
@@ -103,7 +110,13 @@ def create_job(
         ),
     ],
     idempotency_key: Annotated[
-        str | None, Header(alias="Idempotency-Key", description="same key + same body returns the stored response")
+        str | None,
+        Header(
+            alias="Idempotency-Key",
+            description="1-255 characters; the same key with the same body returns the stored response, with "
+            "another body is refused (422)",
+            json_schema_extra={"minLength": 1, "maxLength": 255},
+        ),
     ] = None,
 ) -> JobOut:
     base = _base(request)
@@ -114,11 +127,15 @@ def create_job(
 
     svc = JobService(session, principal.tenant_id, settings, queue)
     result = svc.submit(body, idempotency_key, created)
+    # commit now rather than at the request's end, so the publication (after the commit) is known to the response
+    commit(session)
     out = JobOut.model_validate(result.response.body)
     response.status_code = result.response.status
     response.headers.update({"ETag": _etag_of(out), **result.response.headers})
     if result.replayed:
         response.headers["Idempotent-Replayed"] = "true"
+    elif result.publication is not None:
+        response.headers[ENQUEUE_HEADER] = "published" if result.publication.published else "deferred"
     return out
 
 
@@ -128,13 +145,12 @@ def list_jobs(
     principal: PrincipalDep,
     session: SessionDep,
     settings: SettingsDep,
-    status: Annotated[str | None, Query(description="comma-separated statuses", examples=["running,queued"])] = None,
+    status: StatusFilter = None,
     after: IdCursor = None,
     limit: Annotated[int, Query(ge=1, le=100)] = 20,
 ) -> JobList:
     svc = JobService(session, principal.tenant_id, settings)
-    statuses = [s.strip() for s in status.split(",") if s.strip()] if status else None
-    jobs, has_more = svc.list(statuses=statuses, after=after, limit=limit)
+    jobs, has_more = svc.list(statuses=status_list(status), after=after, limit=limit)
     base = _base(request)
     data = [job_out(j, base) for j in jobs]
     return JobList(
@@ -208,16 +224,19 @@ def list_events(
 @router.get(
     "/{job_id}/events/stream",
     dependencies=[Depends(bearer_scheme)],
+    response_class=StreamingResponse,
     summary="Stream a job's events (Server-Sent Events)",
     description="Each event's `id:` is its sequence number; reconnect with `Last-Event-ID` to resume. "
-    "The stream closes after the job's terminal status event.",
+    "The stream closes after the job's terminal status event. On Postgres events are pushed as they commit; "
+    "a tenant may hold `SECATEURS_SSE_MAX_STREAMS_PER_TENANT` open streams per API process (429 beyond, with "
+    "`Retry-After`).",
     responses={
         200: {
             "content": {
                 "text/event-stream": {"example": 'id: 3\nevent: progress\ndata: {"stage": "prune", "block": 0}\n\n'}
             }
         },
-        **error_responses(401, 404, 422),
+        **error_responses(401, 404, 422, 429),
     },
 )
 async def stream_events(
@@ -226,59 +245,29 @@ async def stream_events(
     last_event_id: Annotated[str | None, Header(alias="Last-Event-ID")] = None,
     after: SeqCursor = 0,
 ) -> StreamingResponse:
-    settings = request.app.state.settings
-    sessions = request.app.state.sessions
+    settings, sessions = request.app.state.settings, request.app.state.sessions
+    streams, hub = request.state.streams, request.state.hub  # the lifespan's (api.app.lifespan)
 
     def auth() -> str:
         # A short session of its own: a request-scoped one would stay open for the whole stream.
         with sessions() as s:
-            return authenticate(s, request.headers.get("authorization"), settings.pepper).tenant_id
+            tenant_id = authenticate(s, request.headers.get("authorization"), settings.pepper).tenant_id
+            JobService(s, tenant_id, settings).get(job_id)  # 404 before the stream starts
+            return tenant_id
 
     tenant_id = await run_in_threadpool(auth)
-
-    def fetch(since: int) -> tuple[list[dict[str, Any]], bool, bool]:
-        with sessions() as s:
-            svc = JobService(s, tenant_id, settings)
-            job = svc.get(job_id)
-            evs, more = svc.events(job_id, after=since, limit=500)
-            return [event_out(e).model_dump(mode="json") for e in evs], more, job.status in TERMINAL
-
     try:
         start = int(last_event_id) if last_event_id else after
     except ValueError:
         start = after
     if not 0 <= start <= MAX_SEQ:  # a bad Last-Event-ID is ignored, as an unparsable one is
         start = after
-    await run_in_threadpool(fetch, start)  # 404 before the stream starts
-
-    async def gen():  # noqa: ANN202
-        since = start
-        idle = 0.0
-        yield "retry: 2000\n\n"
-        while True:
-            try:
-                evs, more, terminal = await run_in_threadpool(fetch, since)
-            except NotFound:
-                return
-            for e in evs:
-                since = e["id"]
-                yield f"id: {e['id']}\nevent: {e['type']}\ndata: {json.dumps(e, separators=(',', ':'))}\n\n"
-            if terminal and not more:
-                return
-            if evs:
-                idle = 0.0
-                continue
-            if await request.is_disconnected():
-                return
-            await asyncio.sleep(settings.sse_poll_seconds)
-            idle += settings.sse_poll_seconds
-            if idle >= 15:
-                idle = 0.0
-                yield ": keep-alive\n\n"
-
-    return StreamingResponse(
-        gen(), media_type="text/event-stream", headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
-    )
+    try:
+        streams.open(tenant_id)
+    except TooManyStreams as e:
+        raise TooManyRequests(str(e), retry_after=KEEPALIVE_S) from None
+    events = job_events(streams, hub, sessions, tenant_id, job_id, start, settings.sse_poll_seconds)
+    return EventStreamResponse(events, on_end=lambda: streams.close(tenant_id))
 
 
 @router.get(
