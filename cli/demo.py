@@ -1,14 +1,15 @@
 """End-to-end demo on the embedded defaults: `python -m cli.demo` (or `secateurs service demo`).
 
 Starts the API and a worker as separate processes (SQLite database, SQLite-backed Celery broker, local
-artifacts, all under ./var/demo), creates a tenant and key, uploads an evaluation text, submits a real
-pruning job over HTTP, streams its progress, downloads every artifact, verifies sha256s, loads the pruned
-model with transformers, checks its sparsity, and prints the metrics.
+artifacts, all under ./var/demo), creates a tenant and key, prints where the dashboard is, and then does what a
+user does, through the Python client (client/): uploads a calibration text and an evaluation text (disjoint
+parts of TinyStories, the model's own domain), submits a real pruning job, follows its progress over the event
+stream, downloads every artifact (each sha256 verified), loads the pruned model with transformers, checks its
+sparsity, and prints the metrics.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import signal
@@ -18,7 +19,7 @@ import sys
 import time
 from pathlib import Path
 
-import httpx
+from client import Client, Event, SecateursError
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = Path(os.environ.get("SECATEURS_SHARED_DIR", ROOT.parent / "shared"))
@@ -83,7 +84,13 @@ def _build_fallback_model(dest: Path) -> None:
     fast.save_pretrained(dest)
 
 
-def main(model: str | None = None, port: int = 8765, data_dir: str | None = None, sparsity: float = 0.5) -> int:
+def main(
+    model: str | None = None,
+    port: int = 8765,
+    data_dir: str | None = None,
+    sparsity: float = 0.5,
+    serve: bool = False,
+) -> int:
     model_dir = Path(model) if model else SHARED / "assets" / "stories260k-hf"
     data = Path(data_dir or os.environ.get("SECATEURS_DEMO_DIR") or ROOT / "var" / "demo").resolve()
     data.mkdir(parents=True, exist_ok=True)
@@ -182,19 +189,20 @@ def main(model: str | None = None, port: int = 8765, data_dir: str | None = None
             )
         )
         _say(f"[demo] api on {base} and a worker started (logs in {logs})")
-        h = {"Authorization": f"Bearer {key}"}
-        with httpx.Client(base_url=base, headers=h, timeout=60) as c:
+        with Client(base, key, timeout=60) as c:
             deadline = time.time() + 60
             while True:
                 try:
-                    if c.get("/readyz").status_code == 200:
-                        break
-                except httpx.TransportError:
+                    c.ready()
+                    break
+                except SecateursError:  # not listening yet (ConnectionFailed), or a dependency not ready (503)
                     pass
                 if time.time() > deadline:
                     _say("[demo] API did not become ready; see the logs")
                     return 1
                 time.sleep(0.3)
+            _say(f"[demo] dashboard: {base}/dashboard/ (API key {key}; up while the demo runs)")
+            _say(f"[demo] or from another shell: SECATEURS_SERVER={base} SECATEURS_API_KEY={key} secateurs jobs list")
             wlog = logs / "worker.log"
             t_w = time.perf_counter()
             while " ready." not in wlog.read_text(errors="replace"):
@@ -203,76 +211,37 @@ def main(model: str | None = None, port: int = 8765, data_dir: str | None = None
                     return 1
                 time.sleep(0.3)
             _say("[demo] worker ready")
-            eval_cal = None
-            text = SHARED / "assets" / "text" / "wikitext-2-test.txt"
-            sample, fname = (
-                (text.read_text("utf-8")[:60_000], "wikitext2-test-head.txt")
-                if text.is_file()
-                else (FALLBACK_TEXT, "demo-text.txt")
-            )
-            r = c.post("/v1/calibration-sets", files={"file": (fname, sample.encode())})
-            r.raise_for_status()
-            eval_cal = r.json()["id"]
-            _say(f"[demo] uploaded evaluation text as {eval_cal}")
-            cal_text = SHARED / "assets" / "text" / "tinystories-valid.txt"
-            texts = [cal_text.read_text("utf-8")[:200_000]] if cal_text.is_file() else [FALLBACK_TEXT]
+            cal_file, eval_file, what = _demo_texts(data / "texts")
+            cal_set, new = c.ensure_calibration_set(cal_file)
+            _say(f"[demo] calibration text: {what[0]} -> {cal_set.id} ({'uploaded' if new else 'already uploaded'})")
+            eval_set, new = c.ensure_calibration_set(eval_file)
+            _say(f"[demo] evaluation text: {what[1]} -> {eval_set.id} ({'uploaded' if new else 'already uploaded'})")
             body = {
                 "model": str(model_dir.resolve()) if local else model,
                 "method": "wanda",
                 "sparsity": sparsity,
-                "calibration": {"texts": texts, "nsamples": 32, "seqlen": 128, "seed": 0},
+                "calibration": {"calibration_set_id": cal_set.id, "nsamples": 64, "seqlen": SEQLEN, "seed": 0},
+                "evaluation": {"calibration_set_id": eval_set.id, "seqlen": SEQLEN, "max_windows": 64},
                 "metadata": {"purpose": "demo"},
             }
-            if eval_cal:
-                body["evaluation"] = {"calibration_set_id": eval_cal, "seqlen": 128, "max_windows": 32}
             t0 = time.perf_counter()
-            r = c.post("/v1/pruning-jobs", json=body, headers={"Idempotency-Key": f"demo-{time.time_ns()}"})
-            if r.status_code != 201:
-                _say(f"[demo] job rejected: {r.status_code} {r.text}")
-                return 1
-            job = r.json()
-            _say(f"[demo] POST /v1/pruning-jobs -> 201 {job['id']} (Location: {r.headers['location']})")
-            with c.stream("GET", f"/v1/pruning-jobs/{job['id']}/events/stream", timeout=None) as stream:
-                kind = None
-                for line in stream.iter_lines():
-                    if line.startswith("event: "):
-                        kind = line[7:]
-                    elif line.startswith("data: "):
-                        ev = json.loads(line[6:])
-                        d = ev["data"]
-                        if kind == "progress":
-                            frac = f" {d['fraction']:.0%}" if d.get("fraction") is not None else ""
-                            blk = f" block {d['block'] + 1}/{d['total_blocks']}" if d.get("block") is not None else ""
-                            _say(
-                                f"[demo]   {d.get('stage')}{blk}{frac} {'' if blk else d.get('message') or ''}".rstrip()
-                            )
-                        elif kind == "status":
-                            _say(f"[demo]   status -> {d['status']}")
-            job = c.get(f"/v1/pruning-jobs/{job['id']}").json()
+            created = c.create_job(body)
+            _say(f"[demo] created {created.id} ({created.status}, {created.enqueue}): {created.urls.get('self', '')}")
+            job = c.wait(created.id, on_event=_show_event)
             elapsed = time.perf_counter() - t0
-            if job["status"] != "succeeded":
-                _say(f"[demo] job ended {job['status']}: {job.get('error')}")
+            if job.status != "succeeded":
+                _say(f"[demo] job ended {job.status}: {job.error}")
                 return 1
-            _say(f"[demo] POST -> succeeded in {elapsed:.1f} s")
-            out = data / "downloads" / job["id"]
-            arts = c.get(f"/v1/pruning-jobs/{job['id']}/artifacts").json()["data"]
-            for a in arts:
-                dest = out / a["name"]
-                dest.parent.mkdir(parents=True, exist_ok=True)
-                with c.stream("GET", a["url"], follow_redirects=True) as resp:
-                    resp.raise_for_status()
-                    hsh = hashlib.sha256()
-                    with open(dest, "wb") as f:
-                        for chunk in resp.iter_bytes():
-                            hsh.update(chunk)
-                            f.write(chunk)
-                if hsh.hexdigest() != a["sha256"]:
-                    _say(f"[demo] sha256 mismatch for {a['name']}")
-                    return 1
-            _say(f"[demo] downloaded {len(arts)} artifacts to {out}; every sha256 verified")
+            _say(f"[demo] created -> succeeded in {elapsed:.1f} s")
+            out = data / "downloads" / job.id
+            got = c.download(job.id, out, overwrite=True)
+            _say(
+                f"[demo] downloaded {len(got.files)} artifacts ({got.transferred:,} bytes) to {out}; "
+                "every sha256 verified (against the artifact list and manifest.json)"
+            )
             sp = _check_model(out)
             _say(f"[demo] transformers loads the pruned model; linear-layer sparsity {sp:.4f} (asked {sparsity})")
-            m = job["metrics"]
+            m = job.metrics or {}
             ppl = m.get("perplexity") or {}
             _say(
                 "[demo] metrics: "
@@ -286,7 +255,18 @@ def main(model: str | None = None, port: int = 8765, data_dir: str | None = None
                     indent=None,
                 )
             )
-            return 0 if abs(sp - sparsity) < 0.02 else 1
+            if ppl.get("dense") is not None:
+                _say(
+                    f"[demo] perplexity on {what[1]}: {ppl['dense']:.2f} dense -> {ppl.get('pruned') or float('nan'):.2f} "
+                    f"with {sparsity:.0%} of the weights removed"
+                )
+            ok = abs(sp - sparsity) < 0.02
+            if serve and ok:
+                _say(f"[demo] serving until Ctrl-C: open {base}/dashboard/ and enter the API key {key}")
+                _serve_until_interrupted(procs)
+            elif ok:
+                _say("[demo] the API stops now; `make demo SERVE=1` (or `--serve`) keeps it and the dashboard up")
+            return 0 if ok else 1
     finally:
         for p in procs:
             try:
@@ -300,10 +280,63 @@ def main(model: str | None = None, port: int = 8765, data_dir: str | None = None
                 os.killpg(p.pid, signal.SIGKILL)
 
 
+def _serve_until_interrupted(procs: list[subprocess.Popen]) -> None:
+    """Keep the API and the worker up (to look at the job in the dashboard) until Ctrl-C or one of them ends."""
+    try:
+        while all(p.poll() is None for p in procs):
+            time.sleep(0.5)
+        _say("[demo] a service process ended; see the logs")
+    except KeyboardInterrupt:
+        _say("[demo] stopping")
+
+
+SEQLEN = 256  # calibration windows and evaluation windows (stories260k's positions: 512)
+EVAL_STORIES = 200  # the last stories of the file are the evaluation text; the others calibrate
+
+
+def _demo_texts(dest: Path) -> tuple[Path, Path, tuple[str, str]]:
+    """The calibration and evaluation texts, as .jsonl files (one document a line) under ``dest``.
+
+    With the shared assets: TinyStories, the text stories260k was trained on, split story by story (on the
+    file's ``<|endoftext|>`` markers): the first 800 stories calibrate, the last 200 are the evaluation text,
+    so no story is in both. Without them: the small built-in text, for the random-init model."""
+    dest.mkdir(parents=True, exist_ok=True)
+    source = SHARED / "assets" / "text" / "tinystories-valid.txt"
+    if source.is_file():
+        stories = [t.strip() for t in source.read_text("utf-8").split("<|endoftext|>") if t.strip()]
+        cal, ev = stories[:-EVAL_STORIES], stories[-EVAL_STORIES:]
+        names = (
+            f"TinyStories validation, stories 1-{len(cal)}",
+            f"TinyStories validation, stories {len(cal) + 1}-{len(stories)}",
+        )
+    else:
+        half = len(FALLBACK_TEXT) // 2
+        cal, ev = [FALLBACK_TEXT[:half]], [FALLBACK_TEXT[half:]]
+        names = ("the built-in demo text, first half", "the built-in demo text, second half")
+    files = dest / "calibration.jsonl", dest / "evaluation.jsonl"
+    for path, docs in zip(files, (cal, ev), strict=True):
+        text = "".join(json.dumps({"text": d}) + "\n" for d in docs)
+        if not path.is_file() or path.read_text("utf-8") != text:
+            path.write_text(text, "utf-8")
+    return files[0], files[1], names
+
+
+def _show_event(e: Event) -> None:
+    d = e.data
+    if e.type == "progress":
+        frac = f" {d['fraction']:.0%}" if d.get("fraction") is not None else ""
+        blk = f" block {d['block'] + 1}/{d['total_blocks']}" if d.get("block") is not None else ""
+        _say(f"[demo]   {d.get('stage')}{blk}{frac} {'' if blk else d.get('message') or ''}".rstrip())
+    elif e.type == "status":
+        _say(f"[demo]   status -> {d['status']}")
+
+
 def _check_model(path: Path) -> float:
     import torch
     from transformers import AutoModelForCausalLM
+    from transformers.utils import logging as hf_logging
 
+    hf_logging.disable_progress_bar()
     model = AutoModelForCausalLM.from_pretrained(path)
     zeros = total = 0
     for name, mod in model.named_modules():
@@ -321,5 +354,6 @@ if __name__ == "__main__":
     ap.add_argument("--port", type=int, default=8765)
     ap.add_argument("--data-dir")
     ap.add_argument("--sparsity", type=float, default=0.5)
+    ap.add_argument("--serve", action="store_true", help="keep the API and the dashboard up afterwards")
     a = ap.parse_args()
-    sys.exit(main(a.model, a.port, a.data_dir, a.sparsity))
+    sys.exit(main(a.model, a.port, a.data_dir, a.sparsity, a.serve))

@@ -24,11 +24,15 @@ FieldPath = tuple[str, ...]
 # method_options is spread into one flag per method option.
 NOT_FLAGS: set[FieldPath] = {("model",), ("calibration", "texts"), ("method_options",)}
 
-# Flag names the CLI had before they were generated, where they differ from the generated ones.
+# Flag names the CLI had before they were generated, and lm-eval's own names, where they differ from the
+# generated ones.
 HISTORICAL_NAMES: dict[FieldPath, str] = {
     ("calibration", "source"): "calibration",
     ("evaluation", "source"): "eval",
     ("evaluation", "max_windows"): "eval_windows",
+    ("evaluation", "tasks"): "tasks",
+    ("evaluation", "task_paths"): "task_path",
+    ("evaluation", "num_fewshot"): "num_fewshot",
     ("schedule", "kind"): "schedule",
     ("schedule", "owl_m"): "owl_m",
     ("schedule", "owl_lambda"): "owl_lambda",
@@ -50,7 +54,7 @@ MODEL_FIELDS = {"revision", "dtype", "trust_remote_code", "device"}  # how the m
 PANELS = {
     "model": "Model loading",
     "calibration": "Calibration",
-    "evaluation": "Evaluation (perplexity before and after; runs when any of these is given)",
+    "evaluation": "Evaluation (perplexity and lm-eval tasks before and after; runs when any of these is given)",
     "schedule": "Layer-wise schedule",
     "structure": "Structured pruning (runs when any of these is given)",
     "export": "Output",

@@ -52,6 +52,8 @@ def build_config(given: dict[str, Any], model: str) -> PruneConfig:
     for block in ("calibration", "evaluation"):
         if "source" in raw.get(block, {}):
             raw[block]["source"] = _absolute_if_file(raw[block]["source"])
+    if "task_paths" in raw.get("evaluation", {}):
+        raw["evaluation"]["task_paths"] = [str(Path(p).expanduser().resolve()) for p in raw["evaluation"]["task_paths"]]
     try:
         return PruneConfig.model_validate(raw)
     except ValidationError as e:
@@ -90,7 +92,7 @@ def prune(
                     return
                 tasks[p.stage] = bar.add_task(p.stage, total=p.total_blocks)
             if p.total_blocks:
-                bar.update(tasks[p.stage], total=p.total_blocks, completed=(p.block or 0) + 1)
+                bar.update(tasks[p.stage], total=p.total_blocks, completed=0 if p.block is None else p.block + 1)
 
         try:
             result = run(cfg, out, on_progress=on_progress)
@@ -141,6 +143,12 @@ def summary(m: dict[str, Any], where: Path) -> None:
             f"{fmt(p['dense'])} → {fmt(p.get('pruned'))} "
             f"({p['protocol']['source']}, {p['protocol']['windows']}×{p['protocol']['seqlen']})",
         )
+    for task, dense in ((m.get("tasks") or {}).get("dense") or {}).items():
+        pruned = m["tasks"].get("pruned", {}).get(task, {})
+        for metric, value in dense.items():
+            if not metric.endswith("_stderr") and value is not None:
+                after = pruned.get(metric)
+                t.add_row(f"{task} {metric}", f"{value:.4f} → {'n/a' if after is None else f'{after:.4f}'}")
     t.add_row("time", ", ".join(f"{k} {v:.2f}s" for k, v in m["timings"].items()))
     t.add_row("peak RSS", f"{m['memory']['peak_rss_bytes'] / 2**20:.0f} MiB")
     if m["damping_retries"]:
