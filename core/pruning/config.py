@@ -19,6 +19,14 @@ from pydantic import (
 from pydantic.json_schema import JsonSchemaValue
 from pydantic_core import InitErrorDetails, PydanticCustomError, core_schema
 
+from core.pruning.config_schema import (
+    PATTERN_FIELD,
+    SCHEDULE_RULES,
+    STRUCTURE_RULES,
+    cross_field_rules,
+)
+from core.schema_rules import NON_BLANK, JsonSchema
+
 if TYPE_CHECKING:
     from core.pruning.methods.base import Method
 
@@ -104,7 +112,11 @@ class CalibrationConfig(_Strict):
     """Fixed-length token windows drawn from one source (no padding)."""
 
     source: str = Field("c4", description="named set (c4, wikitext2, ptb) or a local .txt/.jsonl/.pt/.npy file")
-    texts: list[str] | None = Field(None, description="inline texts; used instead of `source` when given")
+    texts: list[str] | None = Field(
+        None,
+        description="inline texts; used instead of `source` when given",
+        json_schema_extra={"minItems": 1, "contains": {"type": "string", "pattern": NON_BLANK}},
+    )
     nsamples: int = Field(128, ge=1, le=100_000, description="calibration windows")
     seqlen: int = Field(2048, ge=2, le=1_048_576, description="tokens per window (capped at the model's limit)")
     seed: int = Field(0, description="calibration sampling seed")
@@ -118,19 +130,68 @@ class CalibrationConfig(_Strict):
 
 
 class EvalConfig(_Strict):
-    """Perplexity protocol: documents joined with "\\n\\n", tokenised once, non-overlapping windows."""
+    """Before and after pruning: perplexity (documents joined with "\\n\\n", tokenised once, non-overlapping
+    windows) and lm-evaluation-harness tasks. Perplexity runs when `source` is set; it defaults to wikitext2
+    unless `tasks` are given (then only the tasks run, unless `source` is given too)."""
 
-    source: str = Field("wikitext2", description="named set (wikitext2, c4, ptb) or a local text file")
+    source: str | None = Field(
+        "wikitext2",
+        description="perplexity on a named set (wikitext2, c4, ptb) or a local text file; none (null) when `tasks` "
+        "are given without it",
+    )
     seqlen: int | None = Field(None, ge=2, description="default: the calibration seqlen")
     max_windows: int | None = Field(None, ge=1, description="evaluate only the first N windows")
-    batch_size: int = Field(8, ge=1, le=1024, description="windows per forward pass")
+    batch_size: int = Field(8, ge=1, le=1024, description="windows per forward pass (lm-eval: its batch size)")
+    tasks: list[str] = Field(
+        default_factory=list,
+        description="lm-evaluation-harness tasks (or groups) by name, comma-separated or repeated: lm-eval's own, "
+        "the shipped tinystories_continuation, or those under task_paths",
+        json_schema_extra={"items": {"type": "string", "minLength": 1}},
+    )
+    task_paths: list[str] = Field(
+        default_factory=list,
+        description="directories of local lm-eval YAML task files (the service: inside its allowed task roots)",
+    )
+    num_fewshot: int | None = Field(None, ge=0, le=1000, description="lm-eval few-shot examples (default: the task's)")
+    limit: int | None = Field(None, ge=1, description="lm-eval: score only the first N documents of each task")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _tasks_only(cls, data: Any) -> Any:
+        if isinstance(data, dict) and data.get("tasks") and "source" not in data:
+            return {**data, "source": None}
+        return data
+
+    @field_validator("tasks", mode="before")
+    @classmethod
+    def _split(cls, v: Any) -> Any:
+        if isinstance(v, str):
+            v = [v]
+        if isinstance(v, list) and all(isinstance(x, str) for x in v):
+            names = [n.strip() for x in v for n in x.split(",")]
+            if any(not n for n in names):
+                raise ValueError("task names must not be empty")
+            return list(dict.fromkeys(names))
+        return v
+
+    @model_validator(mode="after")
+    def _something(self) -> EvalConfig:
+        if self.source is None and not self.tasks:
+            raise ValueError("evaluation needs a perplexity `source` or `tasks`")
+        return self
 
 
 class ScheduleConfig(_Strict):
     """How the target sparsity is spread over blocks (unstructured and N:M-free runs)."""
 
+    model_config = ConfigDict(json_schema_extra=SCHEDULE_RULES)
+
     kind: Literal["uniform", "explicit", "linear", "owl"] = Field("uniform", description="how sparsity varies by block")
-    values: list[float] | None = Field(None, description="explicit: one sparsity per block")
+    values: list[float] | None = Field(
+        None,
+        description="explicit: one sparsity per block",
+        json_schema_extra={"minItems": 1, "items": {"type": "number", "minimum": 0, "exclusiveMaximum": 1}},
+    )
     first: float | None = Field(None, ge=0, lt=1, description="linear: sparsity of the first block")
     last: float | None = Field(None, ge=0, lt=1, description="linear: sparsity of the last block")
     owl_m: float = Field(5.0, gt=0, description="OWL: outlier threshold M (times the mean score)")
@@ -159,6 +220,8 @@ class ScheduleConfig(_Strict):
 class StructureConfig(_Strict):
     """Structured pruning: physically remove MLP channels, attention heads (KV groups) or whole blocks."""
 
+    model_config = ConfigDict(json_schema_extra=STRUCTURE_RULES)
+
     mlp_channels: float = Field(0.0, ge=0, lt=1, description="fraction of MLP intermediate channels to remove")
     heads: float = Field(0.0, ge=0, lt=1, description="fraction of attention heads (whole KV groups) to remove")
     blocks: float = Field(0.0, ge=0, lt=1, description="fraction of decoder blocks to remove")
@@ -186,7 +249,16 @@ class ExportConfig(_Strict):
 _PATTERN = re.compile(r"^(\d+):(\d+)$")
 
 
+def publish_cross_field_rules(schema: JsonSchema) -> None:
+    """The rules PruneConfig's model validators enforce, stated in its JSON schema (and in models copying its
+    fields, such as the job API's body)."""
+    default_method = PruneConfig.model_fields["method"].default
+    schema.setdefault("allOf", []).extend(cross_field_rules(registered_methods(), default_method))
+
+
 class PruneConfig(_Strict):
+    model_config = ConfigDict(json_schema_extra=publish_cross_field_rules)
+
     model: str = Field(..., min_length=1, description="Hugging Face hub id or local directory")
     revision: str | None = Field(None, description="hub revision (branch, tag or commit)")
     dtype: Literal["auto", "float32", "float16", "bfloat16"] = Field("auto", description="weights' dtype")
@@ -200,15 +272,28 @@ class PruneConfig(_Strict):
         description="settings of the chosen method (its `Options`); those not given take the method's defaults",
     )
     sparsity: float | None = Field(None, ge=0, lt=1, description="unstructured target in [0, 1)")
-    pattern: str | None = Field(None, description="'unstructured' or N:M (at most N non-zeros in every M inputs)")
+    pattern: str | None = Field(
+        None, description=PATTERN_FIELD["description"], json_schema_extra={"pattern": PATTERN_FIELD["pattern"]}
+    )
 
     true_sequential: bool = Field(False, description="prune [q,k,v]→[o]→[gate,up]→[down] in turn")
     propagate: Literal["pruned", "dense"] = Field(
         "pruned", description="what the next block is calibrated on: pruned (the papers) or dense block outputs"
     )
 
-    exclude: list[str] = Field(default_factory=list, description="regexes of layer names never pruned")
-    overrides: dict[str, float] = Field(default_factory=dict, description="regex of layer name -> sparsity")
+    exclude: list[str] = Field(
+        default_factory=list,
+        description="regexes of layer names never pruned",
+        json_schema_extra={"items": {"type": "string", "format": "regex"}},
+    )
+    overrides: dict[str, float] = Field(
+        default_factory=dict,
+        description="regex of layer name -> sparsity",
+        json_schema_extra={
+            "propertyNames": {"format": "regex"},
+            "additionalProperties": {"type": "number", "minimum": 0, "exclusiveMaximum": 1},
+        },
+    )
 
     calibration: CalibrationConfig = Field(default_factory=CalibrationConfig)
     evaluation: EvalConfig | None = None
@@ -287,5 +372,5 @@ class PruneConfig(_Strict):
 def _compile(r: str) -> re.Pattern[str]:
     try:
         return re.compile(r)
-    except re.error as e:
+    except (re.error, OverflowError, RecursionError) as e:  # a repeat count or nesting past what re takes
         raise ValueError(f"invalid regex {r!r}: {e}") from e

@@ -16,6 +16,7 @@ from core.pruning.errors import EvaluationError
 
 
 def eval_tokens(cfg: EvalConfig, tokenizer: Any) -> tuple[torch.Tensor, dict[str, Any]]:
+    assert cfg.source is not None
     if cfg.source in NAMED_SETS:
         texts = load_named(cfg.source, "validation" if cfg.source == "c4" else "test")
     else:

@@ -11,6 +11,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
+from core.pruning import tasks
 from core.pruning.config import NAMED_SETS, PruneConfig, registered_methods
 from core.pruning.errors import PruningError
 from core.pruning.locations import is_local_model
@@ -66,7 +67,7 @@ def check(
             on_this_machine,
             tokens_allowed=True,
         )
-    if config.evaluation is not None:
+    if config.evaluation is not None and config.evaluation.source is not None:
         problems += _text_source(
             "evaluation.source",
             config.evaluation.source,
@@ -75,6 +76,7 @@ def check(
             on_this_machine,
             tokens_allowed=False,
         )
+    problems += tasks.problems(config.evaluation, on_this_machine=on_this_machine)
     problems += _combinations(config, on_this_machine)
     if out_dir is not None:
         problems += out_dir_problems(Path(out_dir))

@@ -19,9 +19,9 @@ from typing import Any
 
 import torch
 
-from core.pruning import calibration, engine, evaluate, export, methods, models, preflight
+from core.pruning import calibration, engine, evaluate, export, methods, models, preflight, tasks
 from core.pruning.config import PruneConfig
-from core.pruning.errors import Cancelled
+from core.pruning.errors import Cancelled, EvaluationError
 from core.pruning.export import FileEntry
 from core.pruning.memory import reusing_freed_memory
 from core.pruning.progress import Progress, ProgressFn, StopFn, never_stop, no_progress
@@ -89,8 +89,11 @@ def _prune(config: PruneConfig, out_dir: Path, on_progress: ProgressFn, should_s
     seqlen = cal.tokens.shape[1]
     batch = max(1, TOKENS_PER_BATCH // seqlen)
 
+    ev_tasks = tasks.TaskRun(config.evaluation) if config.evaluation is not None and config.evaluation.tasks else None
+    if ev_tasks is not None and not loaded.causal:
+        raise EvaluationError(f"lm-eval tasks need a causal language model, not a {type(model).__name__}")
     ppl: dict[str, Any] | None = None
-    if config.evaluation is not None and loaded.causal:
+    if config.evaluation is not None and config.evaluation.source is not None and loaded.causal:
         with clock.stage("evaluate_dense"):
             ev_ids, ev_protocol = evaluate.eval_tokens(config.evaluation, tok)
             ev_seqlen = min(config.evaluation.seqlen or seqlen, models.max_positions(model) or 1 << 30)
@@ -100,6 +103,12 @@ def _prune(config: PruneConfig, out_dir: Path, on_progress: ProgressFn, should_s
             "dense": dense["perplexity"],
             "protocol": {**ev_protocol, **{k: dense[k] for k in ("windows", "seqlen", "tokens_scored")}},
         }
+    task_scores: dict[str, Any] = {}
+    if ev_tasks is not None:
+        with clock.stage("evaluate_dense"):
+            task_scores["dense"] = _task_scores(
+                ev_tasks, model, tok, "evaluate_dense", device, on_progress, should_stop
+            )
 
     structure_metrics = None
     if config.structure is not None:
@@ -146,6 +155,9 @@ def _prune(config: PruneConfig, out_dir: Path, on_progress: ProgressFn, should_s
         with clock.stage("evaluate"):
             on_progress(Progress("evaluate", "perplexity of the pruned model"))
             ppl["pruned"] = _perplexity(model, ev_ids, ev_seqlen, config, device)["perplexity"]
+    if ev_tasks is not None:
+        with clock.stage("evaluate"):
+            task_scores["pruned"] = _task_scores(ev_tasks, model, tok, "evaluate", device, on_progress, should_stop)
 
     pruned_numel = sum(math.prod(r.shape) for r in layers)
     zeros = sum(r.sparsity * math.prod(r.shape) for r in layers)
@@ -186,6 +198,7 @@ def _prune(config: PruneConfig, out_dir: Path, on_progress: ProgressFn, should_s
         ],
         "damping_retries": sum(r.info.get("damping_retries", 0) for r in layers),
         "perplexity": ppl,
+        "tasks": None if ev_tasks is None else {**ev_tasks.protocol(), **task_scores},
         "structure": structure_metrics,
         "versions": _versions(),
     }
@@ -235,6 +248,25 @@ def _perplexity(
         models.move(model, device)
     try:
         return evaluate.perplexity(model, ids, seqlen, ev.batch_size, ev.max_windows, device)
+    finally:
+        if device.type != "cpu":
+            model.to("cpu")
+            torch.cuda.empty_cache()
+
+
+def _task_scores(
+    run: tasks.TaskRun,
+    model: torch.nn.Module,
+    tokenizer: Any,
+    stage: str,
+    device: torch.device,
+    on_progress: ProgressFn,
+    should_stop: StopFn,
+) -> dict[str, Any]:
+    if device.type != "cpu":
+        models.move(model, device)
+    try:
+        return run.score(model, tokenizer, stage, on_progress, should_stop)
     finally:
         if device.type != "cpu":
             model.to("cpu")

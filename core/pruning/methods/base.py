@@ -26,6 +26,11 @@ class MethodOptions(BaseModel):
         """(option, why) for each setting the rest of `config` contradicts; checked before the model loads."""
         return []
 
+    @classmethod
+    def config_rules(cls) -> list[dict[str, Any]]:
+        """`conflicts` stated as JSON Schema, which a config choosing this method meets (the published API)."""
+        return []
+
 
 @dataclass(frozen=True)
 class Target:

@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 from pydantic import Field
 
 from core.pruning import patterns
+from core.pruning.config_schema import NM_GIVEN
 from core.pruning.methods.base import Method, MethodOptions, Pruned, Stats, Target, tokens_first
+from core.schema_rules import given
 
 if TYPE_CHECKING:
     from core.pruning.config import PruneConfig
@@ -41,6 +43,11 @@ class Wanda(Method):
             if self.wanda_alpha_search and config.pattern is not None:
                 return [("wanda_alpha_search", "the α search chooses unstructured masks; an N:M pattern has none")]
             return []
+
+        @classmethod
+        def config_rules(cls) -> list[dict[str, Any]]:
+            alpha_search = {"properties": {"wanda_alpha_search": {"const": True}}, "required": ["wanda_alpha_search"]}
+            return [{"not": {"allOf": [given("method_options", alpha_search), NM_GIVEN]}}]
 
     options: Options
 
