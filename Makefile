@@ -7,13 +7,14 @@ PIP := $(PYTHON) -m pip
 
 install:
 	$(PYTHON) -c "import torch" 2>/dev/null || $(PIP) install "torch>=2.4"
-	$(PIP) install -q -e ".[datasets]"
+	$(PIP) install -q -e ".[datasets,lmeval]"
 
 install-test: install
-	$(PIP) install -q -e ".[test,lint,datasets]"
+	$(PIP) install -q -e ".[test,lint,datasets,lmeval]"
 
+# SERVE=1: keep the API, the worker and the dashboard up after the demo job, until Ctrl-C
 demo: install
-	$(PYTHON) -m cli service demo
+	$(PYTHON) -m cli service demo $(if $(SERVE),--serve)
 
 test: install-test
 	$(PYTHON) -m pytest

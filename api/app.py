@@ -2,20 +2,30 @@
 
 from __future__ import annotations
 
+import asyncio
+import gc
 import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
 
 from fastapi import FastAPI
 from prometheus_client import CollectorRegistry
 
-from api import problems
-from api.metrics import JobCollector, MetricsMiddleware
-from api.routes import calibration, health, jobs
-from core.db.engine import session_factory
+from api import dashboard, openapi, problems
+from api.event_hub import EventHub
+from api.methods import AllowedMethods
+from api.metrics import JobCollector, MetricsMiddleware, count_transactions
+from api.routes import calibration, health, jobs, webhooks
+from api.streams import StreamMetrics, Streams
+from core.db.engine import get_engine, session_factory
 from core.jobs.calibration import MULTIPART_SLACK, too_large
 from core.jobs.celery_queue import CeleryQueue, celery_client
 from core.jobs.queue import JobQueue
 from core.settings import Settings, get_settings
 from core.storage import make_storage
+from core.webhooks import outbox
+from core.webhooks.celery_queue import CeleryDeliveryQueue
 
 DESCRIPTION = """Prune LLMs as asynchronous jobs.
 
@@ -70,6 +80,38 @@ class _TooLarge(Exception):
     pass
 
 
+@asynccontextmanager
+async def lifespan(app: FastAPI) -> AsyncIterator[dict[str, Any]]:
+    """This server's event streams and, on Postgres, the hub that pushes job events to them (one listening
+    connection). They are lifespan state, so each server running the app (and its event loop) has its own.
+    On shutdown the streams end first, then the hub stops listening."""
+    s: Settings = app.state.settings
+    metrics: StreamMetrics = app.state.stream_metrics
+    streams = Streams(s.sse_max_streams_per_tenant, metrics)
+    # the embedded SQLite database has no NOTIFY: there each stream polls
+    hub = (
+        EventHub(s.db_url, app.state.sessions, on_notification=metrics.notifications.inc)
+        if s.db_url.startswith("postgresql")
+        else None
+    )
+    if hub is not None:
+        await hub.start()
+    ticker = asyncio.create_task(streams.tick_forever(), name="secateurs-sse-keepalive")
+    streams.end_all_on_exit_signals()
+    # What is loaded by now (the pruning engine's imports: ~0.3 M objects) lives as long as the process: keep
+    # it out of the collector's full passes, which otherwise pause the loop for 150-400 ms every few seconds
+    # while many streams are open (bench/api_load.py).
+    gc.collect()
+    gc.freeze()
+    try:
+        yield {"streams": streams, "hub": hub}
+    finally:
+        streams.end_all()
+        ticker.cancel()
+        if hub is not None:
+            await hub.stop()
+
+
 def create_app(settings: Settings | None = None, queue: JobQueue | None = None) -> FastAPI:
     """``queue``: where new jobs are published; by default the Celery broker of ``settings``."""
     s = settings or get_settings()
@@ -78,22 +120,32 @@ def create_app(settings: Settings | None = None, queue: JobQueue | None = None) 
         title="secateurs",
         version="1.0.0",
         description=DESCRIPTION,
-        responses={500: {"description": "Internal error", "model": problems.Problem}},
+        responses=problems.error_responses(500),
+        lifespan=lifespan,
     )
     app.state.settings = s
-    app.state.sessions = session_factory(s.db_url)
+    celery = celery_client(s)
+    # what the API's transactions write to the webhook outbox is published after their commit, through here
+    box = outbox.Outbox.of(s, CeleryDeliveryQueue(celery))
+    app.state.sessions = session_factory(s.db_url, info=outbox.session_info(box))
     app.state.storage = make_storage(s)
-    app.state.queue = queue or CeleryQueue(celery_client(s))
+    app.state.queue = queue or CeleryQueue(celery)
     registry = CollectorRegistry()
     registry.register(JobCollector(app.state.sessions))
     app.state.registry = registry
+    app.state.stream_metrics = StreamMetrics(registry)
+    count_transactions(get_engine(s.db_url), registry)
     problems.install(app)
+    openapi.install(app)
     # any route that touches the database answers 503 while it is unreachable
     app.include_router(jobs.router, responses=problems.error_responses(503))
     app.include_router(calibration.router, responses=problems.error_responses(503))
+    app.include_router(webhooks.router, responses=problems.error_responses(503))
     app.include_router(health.router)
+    app.add_middleware(AllowedMethods, router=app.router)
     app.add_middleware(UploadLimit, path="/v1/calibration-sets", max_bytes=s.calibration_max_bytes)
     app.add_middleware(MetricsMiddleware, registry=registry)
+    dashboard.install(app, s)  # /dashboard/: static files, with their security headers on every response there
     app.add_middleware(problems.UnhandledErrors)  # outermost of ours: errors of the others are answered too
     logging.getLogger("secateurs").setLevel(logging.INFO)
     return app

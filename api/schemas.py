@@ -7,58 +7,10 @@ from typing import Any
 
 from pydantic import BaseModel, Field
 
-from core.db.models import Artifact, CalibrationSet, Job, JobEvent
+from core.db.models import Artifact, CalibrationSet, JobEvent, WebhookDelivery, WebhookEndpoint
 
-
-class Progress(BaseModel):
-    stage: str | None = Field(None, examples=["prune"])
-    message: str | None = None
-    block: int | None = Field(None, examples=[11])
-    total_blocks: int | None = Field(None, examples=[32])
-    fraction: float | None = Field(
-        None,
-        ge=0,
-        le=1,
-        examples=[0.375],
-        description="the whole run done so far, stages weighted by their usual share",
-    )
-    eta_seconds: float | None = Field(None, examples=[412.0])
-
-
-class JobError(BaseModel):
-    code: str = Field(examples=["out_of_memory"])
-    message: str
-
-
-class Timestamps(BaseModel):
-    created_at: datetime
-    queued_at: datetime | None = None
-    running_at: datetime | None = None
-    cancelling_at: datetime | None = None
-    succeeded_at: datetime | None = None
-    failed_at: datetime | None = None
-    cancelled_at: datetime | None = None
-    finished_at: datetime | None = None
-
-
-class JobOut(BaseModel):
-    id: str = Field(examples=["job_0191c5f0a3b2c1d2e3f4a5b6c7"])
-    object: str = "pruning_job"
-    status: str = Field(examples=["running"], description="queued, running, cancelling, succeeded, failed, cancelled")
-    model: str
-    method: str
-    sparsity: float | None = None
-    pattern: str | None = None
-    attempt: int
-    max_attempts: int
-    cancel_requested: bool
-    timestamps: Timestamps
-    progress: Progress | None = None
-    error: JobError | None = None
-    metrics: dict[str, Any] | None = Field(None, description="achieved_sparsity, perplexity {dense, pruned}, timings")
-    metadata: dict[str, str]
-    request: dict[str, Any]
-    urls: dict[str, str]
+# the job's models live in core (webhooks carry the same JobOut); re-exported for the routes
+from core.jobs.views import JobError, JobOut, Progress, Timestamps, job_out, job_urls  # noqa: F401
 
 
 class JobList(BaseModel):
@@ -115,6 +67,73 @@ class CalibrationSetList(BaseModel):
     last_id: str | None = None
 
 
+class WebhookEndpointOut(BaseModel):
+    id: str = Field(examples=["whe_0191c5f0a3b2c1d2e3f4a5b6c7"])
+    object: str = "webhook_endpoint"
+    url: str = Field(examples=["https://example.com/hooks/secateurs"])
+    description: str
+    event_types: list[str] = Field(examples=[["job.succeeded", "job.failed", "job.cancelled"]])
+    created_at: datetime
+    rotated_at: datetime | None = Field(None, description="when the signing secret was last rotated")
+    previous_secret_expires_at: datetime | None = Field(
+        None, description="until then deliveries are signed with the previous secret too"
+    )
+    urls: dict[str, str]
+
+
+class WebhookEndpointCreated(WebhookEndpointOut):
+    secret: str = Field(
+        description="the signing secret (Standard Webhooks); shown only in this response",
+        examples=["whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw"],
+    )
+
+
+class WebhookEndpointList(BaseModel):
+    object: str = "list"
+    data: list[WebhookEndpointOut]
+    has_more: bool
+    first_id: str | None = None
+    last_id: str | None = None
+
+
+class WebhookSecretOut(BaseModel):
+    object: str = "webhook_secret"
+    endpoint_id: str
+    secret: str = Field(description="the new signing secret; shown only in this response")
+    previous_secret_expires_at: datetime | None = Field(
+        None, description="until then deliveries carry a signature with the previous secret too"
+    )
+
+
+class WebhookDeliveryOut(BaseModel):
+    id: str = Field(examples=["msg_0191c5f0a3b2c1d2e3f4a5b6c7"])
+    object: str = "webhook_delivery"
+    webhook_id: str = Field(description="the `webhook-id` header, the same on every attempt")
+    endpoint_id: str
+    event_type: str = Field(examples=["job.succeeded"])
+    job_id: str | None = None
+    status: str = Field(
+        examples=["pending"],
+        description="pending (waits for its next attempt), sending (an attempt is in flight), succeeded, failed "
+        "(given up)",
+    )
+    attempts: int
+    created_at: datetime
+    last_attempt_at: datetime | None = None
+    next_attempt_at: datetime | None = Field(None, description="when a pending delivery is attempted next")
+    last_status_code: int | None = Field(None, examples=[200])
+    last_error: str | None = Field(None, examples=["timeout: timed out"])
+    response_body: str | None = Field(None, description="the start of the last answer's body (at most 1 KiB)")
+    finished_at: datetime | None = None
+
+
+class WebhookDeliveryList(BaseModel):
+    object: str = "list"
+    data: list[WebhookDeliveryOut]
+    has_more: bool
+    last_id: str | None = None
+
+
 class Health(BaseModel):
     status: str = Field(examples=["ok"])
 
@@ -122,39 +141,6 @@ class Health(BaseModel):
 class Ready(BaseModel):
     status: str = Field(examples=["ok"])
     checks: dict[str, str] = Field(examples=[{"database": "ok", "broker": "ok", "storage": "ok"}])
-
-
-def job_urls(base: str, job_id: str) -> dict[str, str]:
-    p = f"{base}/v1/pruning-jobs/{job_id}"
-    return {
-        "self": p,
-        "cancel": f"{p}/cancel",
-        "events": f"{p}/events",
-        "events_stream": f"{p}/events/stream",
-        "artifacts": f"{p}/artifacts",
-    }
-
-
-def job_out(job: Job, base: str = "") -> JobOut:
-    cfg = job.config or {}
-    return JobOut(
-        id=job.id,
-        status=job.status,
-        model=cfg["model"],
-        method=cfg["method"],
-        sparsity=cfg.get("sparsity"),
-        pattern=cfg.get("pattern"),
-        attempt=job.attempt,
-        max_attempts=job.max_attempts,
-        cancel_requested=job.cancel_requested,
-        timestamps=Timestamps.model_validate(job, from_attributes=True),
-        progress=Progress.model_validate(job.progress) if job.progress else None,
-        error=JobError(code=job.error_code, message=job.error_message or "") if job.error_code else None,
-        metrics=job.metrics,
-        metadata=job.job_metadata or {},
-        request=job.request,
-        urls=job_urls(base, job.id),
-    )
 
 
 def event_out(ev: JobEvent) -> EventOut:
@@ -174,3 +160,41 @@ def artifact_out(a: Artifact, base: str = "") -> ArtifactOut:
 
 def calibration_out(c: CalibrationSet) -> CalibrationSetOut:
     return CalibrationSetOut.model_validate(c, from_attributes=True)
+
+
+def webhook_endpoint_out(ep: WebhookEndpoint, base: str = "") -> WebhookEndpointOut:
+    p = f"{base}/v1/webhook-endpoints/{ep.id}"
+    return WebhookEndpointOut(
+        id=ep.id,
+        url=ep.url,
+        description=ep.description,
+        event_types=list(ep.event_types),
+        created_at=ep.created_at,
+        rotated_at=ep.rotated_at,
+        previous_secret_expires_at=ep.previous_secret_expires_at,
+        urls={
+            "self": p,
+            "deliveries": f"{p}/deliveries",
+            "rotate_secret": f"{p}/rotate-secret",
+            "test": f"{p}/test",
+        },
+    )
+
+
+def webhook_delivery_out(d: WebhookDelivery) -> WebhookDeliveryOut:
+    return WebhookDeliveryOut(
+        id=d.id,
+        webhook_id=d.id,
+        endpoint_id=d.endpoint_id,
+        event_type=d.event_type,
+        job_id=d.job_id,
+        status=d.status,
+        attempts=d.attempts,
+        created_at=d.created_at,
+        last_attempt_at=d.last_attempt_at,
+        next_attempt_at=d.next_attempt_at if d.status == "pending" else None,
+        last_status_code=d.last_status_code,
+        last_error=d.last_error,
+        response_body=d.response_body,
+        finished_at=d.finished_at,
+    )

@@ -59,10 +59,18 @@ class Settings(BaseSettings):
     allowed_model_roots: Annotated[list[Path], NoDecode] = Field(
         default_factory=list, description="local model directories jobs may read (comma separated)"
     )
+    allowed_task_roots: Annotated[list[Path], NoDecode] = Field(
+        default_factory=list,
+        description="directories of lm-eval task files jobs may name in evaluation.task_paths (comma separated); "
+        "their YAML may run Python code on the worker (`!function`): trusted files only",
+    )
     calibration_max_bytes: int = Field(20 * 1024 * 1024, ge=1)
     max_metadata_keys: int = 16
     idempotency_lock_seconds: int = Field(60, description="an unfinished Idempotency-Key older than this is taken over")
-    sse_poll_seconds: float = 0.5
+    sse_poll_seconds: float = Field(0.5, gt=0, description="how often a stream polls on SQLite (Postgres pushes)")
+    sse_max_streams_per_tenant: int = Field(
+        100, ge=1, description="open event streams one tenant may hold per API process (429 beyond)"
+    )
     public_base_url: str | None = Field(None, description="prefix of absolute URLs in responses; default relative")
 
     # worker
@@ -71,10 +79,68 @@ class Settings(BaseSettings):
     visibility_timeout: int | None = Field(None, description="broker redelivery timeout; default time limit + 1h")
     lease_seconds: float = Field(60.0, gt=0, description="a running job whose heartbeat is older is presumed lost")
     reaper_interval_seconds: float = Field(15.0, gt=0, description="how often a worker looks for lost jobs")
+    redeliver_after_seconds: float = Field(
+        120.0,
+        gt=0,
+        description="a queued job not claimed this long after it was published, and whose message is no longer "
+        "waiting in the broker (lost, dropped, or held by a dead worker), is published again by the sweep",
+    )
+    enqueue_timeout_seconds: float = Field(
+        2.0,
+        gt=0,
+        description="the longest a job creation waits for the broker; past it the job stays stored and queued, "
+        "and the sweep publishes it once the broker is back",
+    )
+    database_retry_seconds: float = Field(
+        60.0,
+        ge=0,
+        description="how long a worker retries a claim or a job's final write while the database is unreachable",
+    )
     work_dir: Path | None = Field(None, description="scratch space of the worker; default <data_dir>/work")
     device: str = Field("auto", description="device the worker prunes on")
+    progress_event_interval_seconds: float = Field(
+        1.0, ge=0, description="at most one progress event per job per this many seconds (0: every report)"
+    )
 
-    @field_validator("allowed_model_roots", mode="before")
+    # webhooks
+    webhook_queue: str | None = Field(
+        None, description="Celery queue of webhook deliveries (the webhook worker's); default <queue>-webhooks"
+    )
+    webhook_allow_private_addresses: bool = Field(
+        False,
+        description="let webhook URLs reach loopback, link-local, private, unspecified and multicast addresses "
+        "(for tests and closed networks only)",
+    )
+    webhook_secret_grace_seconds: float = Field(
+        24 * 3600.0, ge=0, description="after a secret rotation, deliveries are signed with the previous secret too"
+    )
+    webhook_max_attempts: int = Field(15, ge=1, description="attempts of one delivery before it is given up")
+    webhook_backoff_base_seconds: float = Field(
+        10.0, gt=0, description="wait after a delivery's first failed attempt; doubled after each further one"
+    )
+    webhook_backoff_max_seconds: float = Field(
+        6 * 3600.0, gt=0, description="the longest wait between two attempts of one delivery (before jitter)"
+    )
+    webhook_connect_timeout_seconds: float = Field(5.0, gt=0, description="connecting to a webhook receiver")
+    webhook_timeout_seconds: float = Field(
+        10.0, gt=0, description="the whole of one delivery attempt: resolve, connect, send, read the answer"
+    )
+    webhook_redeliver_after_seconds: float = Field(
+        60.0,
+        gt=0,
+        description="a due delivery published this long ago and not attempted since, whose message no longer "
+        "waits in the broker, is published again by the sweep",
+    )
+    webhook_progress_interval_seconds: float = Field(
+        10.0,
+        ge=0,
+        description="job.progress deliveries (opt-in per endpoint) about one job to one endpoint are at least this "
+        "far apart; the reports in between are coalesced into the waiting one",
+    )
+    webhook_worker_threads: int = Field(4, ge=1, description="threads of `secateurs service webhooks`")
+    webhook_max_endpoints_per_tenant: int = Field(20, ge=1, description="webhook endpoints one tenant may register")
+
+    @field_validator("allowed_model_roots", "allowed_task_roots", mode="before")
     @classmethod
     def _split_roots(cls, v: object) -> object:
         if isinstance(v, str):
@@ -130,12 +196,20 @@ class Settings(BaseSettings):
         return self.visibility_timeout or self.task_time_limit + 3600
 
     @property
+    def webhooks_queue(self) -> str:
+        return self.webhook_queue or f"{self.queue}-webhooks"
+
+    @property
     def pepper(self) -> bytes:
         return (self.secret_key.get_secret_value() if self.secret_key else DEV_SECRET).encode()
 
     @property
     def model_roots(self) -> list[Path]:
         return [_abs(p) for p in self.allowed_model_roots]
+
+    @property
+    def task_roots(self) -> list[Path]:
+        return [_abs(p) for p in self.allowed_task_roots]
 
     def ensure_dirs(self) -> None:
         if (

@@ -66,5 +66,7 @@ def pytest_configure(config):
     hf_logging.disable_progress_bar()
 
 
-# Service fixtures (Postgres/Redis/moto/API client) live in tests/service_fixtures.py.
+# Service fixtures (Postgres/Redis/moto/API client) live in tests/service_fixtures.py; the stack the client and
+# the remote CLI are tested against (tests/client, tests/cli) in tests/remote_stack.py.
+from tests.remote_stack import *  # noqa: E402,F401,F403
 from tests.service_fixtures import *  # noqa: E402,F401,F403

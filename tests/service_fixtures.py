@@ -20,7 +20,17 @@ from tests.conftest import require
 
 PG_URL = os.environ.get("SECATEURS_TEST_POSTGRES_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test")
 REDIS_URL = os.environ.get("SECATEURS_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
-TABLES = ("idempotency_keys", "artifacts", "job_events", "jobs", "calibration_sets", "api_keys", "tenants")
+TABLES = (
+    "webhook_deliveries",
+    "webhook_endpoints",
+    "idempotency_keys",
+    "artifacts",
+    "job_events",
+    "jobs",
+    "calibration_sets",
+    "api_keys",
+    "tenants",
+)
 
 
 def _port_open(url: str, default_port: int) -> bool:

@@ -19,6 +19,7 @@ from core.pruning.texts import parse_documents
 from core.storage import Storage, keys
 
 FORMATS = {".txt": "txt", ".jsonl": "jsonl"}
+MAX_NAME = 255  # characters of the stored file name (its database column)
 # What a multipart request may carry besides the file (boundaries, part headers): the API refuses a request
 # larger than the limit plus this before parsing it, and the upload below enforces the limit on the file.
 MULTIPART_SLACK = 64 * 1024
@@ -44,6 +45,19 @@ def _count_records(path: Path, fmt: str) -> int:
     return sum(1 for t in docs if t.strip())
 
 
+def _name_and_format(filename: str | None) -> tuple[str, str]:
+    """The stored name (the upload's last path segment) and the format its extension names."""
+    name = Path(filename or "").name
+    fmt = FORMATS.get(Path(name).suffix.lower())
+    if fmt is None:
+        raise _bad("must be a .txt or .jsonl file")
+    if len(name) > MAX_NAME:
+        raise _bad(f"file name must be at most {MAX_NAME} characters")
+    if any(ord(c) < 0x20 or ord(c) == 0x7F for c in name):
+        raise _bad("file name must not contain control characters")
+    return name, fmt
+
+
 class CalibrationSetService:
     def __init__(self, session: Session, tenant_id: str, storage: Storage, max_bytes: int) -> None:
         self.repo = CalibrationSetRepository(session, tenant_id)
@@ -52,14 +66,11 @@ class CalibrationSetService:
         self.max_bytes = max_bytes
 
     def upload(self, stream: BinaryIO, filename: str | None) -> CalibrationSet:
-        name = Path(filename or "").name
-        fmt = FORMATS.get(Path(name).suffix.lower())
-        if fmt is None:
-            raise _bad("must be a .txt or .jsonl file")
+        name, fmt = _name_and_format(filename)
         h = hashlib.sha256()
         size = 0
         with tempfile.TemporaryDirectory() as td:
-            tmp = Path(td) / name
+            tmp = Path(td) / f"upload.{fmt}"  # not the tenant's name: the OS has its own rules for names
             with open(tmp, "wb") as out:
                 while chunk := stream.read(1024 * 1024):
                     size += len(chunk)

@@ -7,7 +7,9 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, create_model, field_validator, model_validator
 
-from core.pruning.config import NAMED_SETS, PruneConfig, lift_method_settings
+from core.jobs.model_ref import MODEL_REF_SCHEMA
+from core.pruning.config import NAMED_SETS, EvalConfig, PruneConfig, lift_method_settings, publish_cross_field_rules
+from core.schema_rules import NON_BLANK, JsonSchema, at_most_one_of
 
 # Fields a tenant may not set: the worker decides where and how code runs.
 _SERVER_SIDE = {"model", "device", "trust_remote_code", "calibration", "evaluation"}
@@ -18,6 +20,13 @@ _copied: dict[str, Any] = {
 _PruneFields = create_model("_PruneFields", __config__=ConfigDict(extra="forbid"), **_copied)
 
 CAL_ID = re.compile(r"^cal_[0-9a-f]{26}$")
+NAMED_SET_SCHEMA: JsonSchema = {"enum": [*NAMED_SETS, None]}
+CAL_ID_SCHEMA: JsonSchema = {"pattern": CAL_ID.pattern}
+METADATA_SCHEMA: JsonSchema = {
+    "maxProperties": 16,
+    "propertyNames": {"minLength": 1, "maxLength": 64},
+    "additionalProperties": {"type": "string", "maxLength": 512},
+}
 
 
 class _TextSourceIn(BaseModel):
@@ -41,9 +50,25 @@ class _TextSourceIn(BaseModel):
 
 
 class CalibrationIn(_TextSourceIn):
-    source: str | None = Field(None, description=f"named set: {', '.join(NAMED_SETS)}", examples=["c4"])
-    calibration_set_id: str | None = Field(None, description="id of an uploaded calibration set (cal_...)")
-    texts: list[str] | None = Field(None, max_length=10_000, description="inline texts")
+    """At most one of `source`, `calibration_set_id`, `texts`; none: the named set c4."""
+
+    model_config = ConfigDict(json_schema_extra=at_most_one_of("source", "calibration_set_id", "texts"))
+
+    source: str | None = Field(
+        None,
+        description=f"named set: {', '.join(NAMED_SETS)}",
+        examples=["c4"],
+        json_schema_extra=NAMED_SET_SCHEMA,
+    )
+    calibration_set_id: str | None = Field(
+        None, description="id of an uploaded calibration set (cal_...)", json_schema_extra=CAL_ID_SCHEMA
+    )
+    texts: list[str] | None = Field(
+        None,
+        max_length=10_000,
+        description="inline texts, at least one not blank",
+        json_schema_extra={"minItems": 1, "contains": {"type": "string", "pattern": NON_BLANK}},
+    )
     nsamples: int = Field(128, ge=1, le=100_000)
     seqlen: int = Field(2048, ge=2, le=1_048_576)
     seed: int = 0
@@ -56,12 +81,38 @@ class CalibrationIn(_TextSourceIn):
         return self
 
 
+_EV = EvalConfig.model_fields
+
+
 class EvaluationIn(_TextSourceIn):
-    source: str | None = Field(None, description=f"named set: {', '.join(NAMED_SETS)}")
-    calibration_set_id: str | None = Field(None, description="evaluate on an uploaded text set instead")
+    """Perplexity on at most one of `source`, `calibration_set_id` (none: the named set wikitext2, unless `tasks`
+    are given: then only the tasks run), and lm-evaluation-harness `tasks`."""
+
+    model_config = ConfigDict(json_schema_extra=at_most_one_of("source", "calibration_set_id"))
+
+    source: str | None = Field(
+        None, description=f"named set: {', '.join(NAMED_SETS)}", json_schema_extra=NAMED_SET_SCHEMA
+    )
+    calibration_set_id: str | None = Field(
+        None, description="evaluate on an uploaded text set instead", json_schema_extra=CAL_ID_SCHEMA
+    )
     seqlen: int | None = Field(None, ge=2)
     max_windows: int | None = Field(None, ge=1)
     batch_size: int = Field(8, ge=1, le=1024)
+    tasks: list[str] = Field(
+        default_factory=list,
+        max_length=64,
+        description=_EV["tasks"].description,
+        json_schema_extra={"items": {"type": "string", "minLength": 1}},
+    )
+    task_paths: list[str] = Field(
+        default_factory=list,
+        max_length=16,
+        description="absolute directories of lm-eval YAML task files inside the server's allowed task roots "
+        "(SECATEURS_ALLOWED_TASK_ROOTS; not stated by this schema)",
+    )
+    num_fewshot: int | None = Field(None, ge=0, le=1000, description=_EV["num_fewshot"].description)
+    limit: int | None = Field(None, ge=1, description=_EV["limit"].description)
 
     @model_validator(mode="after")
     def _one(self) -> EvaluationIn:
@@ -70,17 +121,42 @@ class EvaluationIn(_TextSourceIn):
         return self
 
 
+EXAMPLES = [
+    {
+        "model": "meta-llama/Llama-3.2-1B",
+        "method": "wanda",
+        "sparsity": 0.5,
+        "calibration": {"source": "c4", "nsamples": 128, "seqlen": 2048},
+        "metadata": {"team": "search"},
+    },
+    {"model": "s3://models/llama-3.2-1b/", "method": "sparsegpt", "pattern": "2:4"},
+]
+
+
+def _published(schema: JsonSchema) -> None:
+    """PruneConfig's rules across fields (which JobService.build_config enforces) and the body's examples."""
+    publish_cross_field_rules(schema)
+    schema["examples"] = EXAMPLES
+
+
 class JobCreate(_PruneFields):
     model: str = Field(
         ...,
         min_length=1,
         max_length=1024,
-        description="Hugging Face hub id, a local directory inside an allowed root, or an s3:// prefix",
+        description="Hugging Face hub id (org/name) or an s3:// prefix; where the server allows local models, also "
+        "an absolute path of a model directory inside one of its allowed roots (not stated by this schema: it "
+        "depends on the server's configuration and files)",
         examples=["meta-llama/Llama-3.2-1B"],
+        json_schema_extra=MODEL_REF_SCHEMA,
     )
     calibration: CalibrationIn = Field(default_factory=CalibrationIn)
     evaluation: EvaluationIn | None = None
-    metadata: dict[str, str] = Field(default_factory=dict, description="up to 16 string pairs, echoed back")
+    metadata: dict[str, str] = Field(
+        default_factory=dict,
+        description="up to 16 string pairs (keys 1-64, values up to 512 characters), echoed back",
+        json_schema_extra=METADATA_SCHEMA,
+    )
 
     @model_validator(mode="before")
     @classmethod
@@ -100,18 +176,4 @@ class JobCreate(_PruneFields):
                 raise ValueError(f"value of {k!r} must be at most 512 characters")
         return v
 
-    model_config = ConfigDict(
-        extra="forbid",
-        json_schema_extra={
-            "examples": [
-                {
-                    "model": "meta-llama/Llama-3.2-1B",
-                    "method": "wanda",
-                    "sparsity": 0.5,
-                    "calibration": {"source": "c4", "nsamples": 128, "seqlen": 2048},
-                    "metadata": {"team": "search"},
-                },
-                {"model": "s3://models/llama-3.2-1b/", "method": "sparsegpt", "pattern": "2:4"},
-            ]
-        },
-    )
+    model_config = ConfigDict(extra="forbid", json_schema_extra=_published)

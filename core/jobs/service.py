@@ -9,11 +9,9 @@ from __future__ import annotations
 import builtins
 import hashlib
 import json
-import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import timedelta
-from pathlib import Path
 from typing import Any
 
 from pydantic import ValidationError
@@ -24,38 +22,13 @@ from core.db.ids import new_id
 from core.db.models import Artifact, IdempotencyRecord, Job, JobEvent, utcnow
 from core.db.repositories import CalibrationSetRepository, IdempotencyRepository, JobRepository
 from core.errors import Conflict, InvalidInput, NotFound
-from core.jobs.queue import JobQueue, enqueue_after_commit
+from core.jobs.model_ref import check_task_path, classify_model
+from core.jobs.queue import JobQueue, Publication, enqueue_after_commit
 from core.jobs.schemas import JobCreate
 from core.jobs.state import INITIAL, TERMINAL, JobStatus, transition
 from core.pruning import preflight
 from core.pruning.config import PruneConfig
-from core.pruning.locations import names_local_path
 from core.settings import Settings
-
-HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,95}(/[A-Za-z0-9][A-Za-z0-9._-]{0,95})?$")
-S3_URI = re.compile(r"^s3://[a-z0-9][a-z0-9.-]{1,61}[a-z0-9](/.*)?$")
-
-
-def classify_model(model: str, roots: list[Path]) -> str:
-    """'hub', 'local' or 's3'; raises InvalidInput naming ``model``."""
-    if model.startswith("s3://"):
-        if not S3_URI.match(model):
-            raise InvalidInput.field(["model"], "not a valid s3://bucket/prefix URI")
-        return "s3"
-    if not names_local_path(model):
-        if ".." in model or not HUB_ID.match(model):
-            raise InvalidInput.field(["model"], "not a hub id (org/name), an allowed local path or an s3:// URI")
-        return "hub"
-    # never expanduser(): "~user/..." would consult the OS user database and tell a tenant which users exist
-    p = Path(model.removeprefix("file://"))
-    if not p.is_absolute():
-        raise InvalidInput.field(["model"], "local model paths must be absolute")
-    resolved = p.resolve()
-    if not any(resolved == r or resolved.is_relative_to(r) for r in roots):
-        raise InvalidInput.field(["model"], "path is outside the allowed model roots")
-    if not resolved.is_dir():
-        raise InvalidInput.field(["model"], "no model directory at this path")
-    return "local"
 
 
 def request_hash(body: JobCreate) -> str:
@@ -85,6 +58,7 @@ class StoredResponse:
 class Submitted:
     response: StoredResponse
     replayed: bool  # the stored response of an earlier request with the same Idempotency-Key
+    publication: Publication | None = None  # a new job's publication, filled in when the caller commits
 
 
 class JobService:
@@ -113,11 +87,16 @@ class JobService:
         }
         ev = body.evaluation
         if ev is not None:
+            tasks_only = bool(ev.tasks) and ev.source is None and ev.calibration_set_id is None
             data["evaluation"] = {
-                "source": self._text_source(ev, "evaluation", default="wikitext2"),
+                "source": None if tasks_only else self._text_source(ev, "evaluation", default="wikitext2"),
                 "seqlen": ev.seqlen,
                 "max_windows": ev.max_windows,
                 "batch_size": ev.batch_size,
+                "tasks": ev.tasks,
+                "task_paths": [check_task_path(p, self.settings.task_roots, i) for i, p in enumerate(ev.task_paths)],
+                "num_fewshot": ev.num_fewshot,
+                "limit": ev.limit,
             }
         data["device"] = self.settings.device
         try:
@@ -157,9 +136,10 @@ class JobService:
         response = render(job)
         if idempotency_key is not None:
             self.idempotency_complete(idempotency_key, response.status, response.body, response.headers)
+        publication = None
         if self.queue is not None:
-            enqueue_after_commit(self.session, self.queue, self.tenant_id, job.id)
-        return Submitted(response, replayed=False)
+            publication = enqueue_after_commit(self.session, self.queue, self.tenant_id, job.id)
+        return Submitted(response, replayed=False, publication=publication)
 
     def create(self, body: JobCreate, config: PruneConfig | None = None) -> Job:
         """Insert a queued job (``config``: ``build_config(body)`` when already built). Not published."""
@@ -254,10 +234,8 @@ class JobService:
         if statuses:
             bad = [s for s in statuses if s not in JobStatus.__members__]
             if bad:
-                raise InvalidInput(
-                    f"unknown status {bad[0]!r}",
-                    errors=[{"loc": ["query", "status"], "msg": f"unknown status {bad[0]!r}", "type": "enum"}],
-                )
+                msg = f"unknown status {bad[0]!r}; one of {', '.join(JobStatus)}"
+                raise InvalidInput(f"status: {msg}", errors=[{"loc": ["query", "status"], "msg": msg, "type": "enum"}])
         return self.jobs.list(statuses=statuses, after=after, limit=limit)
 
     def events(self, job_id: str, *, after: int, limit: int) -> tuple[builtins.list[JobEvent], bool]:

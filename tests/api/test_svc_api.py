@@ -189,6 +189,8 @@ def test_rejected_body_does_not_burn_the_idempotency_key(api):  # noqa: ANN001
         ({"metadata": {str(i): "v" for i in range(17)}}, "metadata"),
         ({"overrides": {"(": 0.3}}, "overrides"),
         ({"exclude": ["[unclosed"]}, "exclude"),
+        ({"exclude": ["a{4294967296}"]}, "exclude"),
+        ({"overrides": {"(" * 1000 + ")" * 1000: 0.3}}, "overrides"),
         ({"device": "cuda:0"}, "device"),
         ({"trust_remote_code": True}, "trust_remote_code"),
         ({"unknown_field": 1}, "unknown_field"),

@@ -7,7 +7,6 @@ import hashlib
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -19,6 +18,7 @@ import httpx
 import pytest
 
 from tests.conftest import ROOT, require
+from tests.e2e.stack import free_port, kill_group, slow_model
 from tests.service_fixtures import REDIS_URL, redis_up, wipe
 
 pytestmark = pytest.mark.slow
@@ -66,45 +66,6 @@ class Stack:
         return httpx.Client(base_url=self.base, headers=self.headers, timeout=30)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _kill(p: subprocess.Popen, sig: int = signal.SIGKILL) -> None:
-    try:
-        os.killpg(p.pid, sig)
-    except ProcessLookupError:
-        pass
-    try:
-        p.wait(15)
-    except subprocess.TimeoutExpired:
-        os.killpg(p.pid, signal.SIGKILL)
-        p.wait(5)
-
-
-def _slow_model(dest: Path, tokenizer_src: Path) -> Path:
-    """A random Llama with many blocks: its jobs run long enough to cancel or kill mid-prune."""
-    import torch
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
-
-    tok = AutoTokenizer.from_pretrained(tokenizer_src)
-    torch.manual_seed(0)
-    cfg = LlamaConfig(
-        hidden_size=128,
-        intermediate_size=512,
-        num_hidden_layers=24,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        vocab_size=len(tok),
-        max_position_embeddings=256,
-    )
-    LlamaForCausalLM(cfg).save_pretrained(dest)
-    tok.save_pretrained(dest)
-    return dest
-
-
 @pytest.fixture(scope="module")
 def stack(pg_database: str, moto_server: str, stories260k: Path, text_dir: Path, tmp_path_factory):  # noqa: ANN001, ANN201
     require(redis_up(), f"Redis not reachable at {REDIS_URL}")
@@ -120,7 +81,7 @@ def stack(pg_database: str, moto_server: str, stories260k: Path, text_dir: Path,
     shutil.copytree(stories260k, models / "stories260k", copy_function=shutil.copyfile)
     for p in [models / "stories260k", *(models / "stories260k").rglob("*")]:  # shared/ may be read-only
         p.chmod(0o755 if p.is_dir() else 0o644)
-    _slow_model(models / "slow", stories260k)
+    slow_model(models / "slow", stories260k)
     queue = f"secateurs-e2e-{uuid.uuid4().hex[:8]}"
     env = {k: v for k, v in os.environ.items() if not k.startswith("SECATEURS_")}
     env.update(
@@ -154,7 +115,7 @@ def stack(pg_database: str, moto_server: str, stories260k: Path, text_dir: Path,
     with session_scope(pg_database) as s:
         tenant = create_tenant(s, "e2e").id
         _, key = create_key(s, tenant, settings.pepper)
-    port = _free_port()
+    port = free_port()
     api = subprocess.Popen(
         [
             sys.executable,
@@ -191,8 +152,8 @@ def stack(pg_database: str, moto_server: str, stories260k: Path, text_dir: Path,
     st.start_worker()
     yield st
     for w in st.workers:
-        _kill(w, signal.SIGTERM)
-    _kill(api, signal.SIGTERM)
+        kill_group(w, signal.SIGTERM)
+    kill_group(api, signal.SIGTERM)
     import redis
 
     redis.Redis.from_url(REDIS_URL).delete(queue)
@@ -331,7 +292,7 @@ def test_sigkill_worker_mid_job_and_the_next_worker_finishes_it(stack: Stack):
     with stack.client() as c:
         jid = _slow_job_in_prune(c, stack, "magnitude")
         victim = stack.workers[-1]
-        _kill(victim, signal.SIGKILL)  # the whole worker: main process and its child
+        kill_group(victim, signal.SIGKILL)  # the whole worker: main process and its child
         stack.start_worker(via_cli=True)
         job = wait_for(c, jid, terminal, timeout=180, st=stack)
         assert job["status"] == "succeeded", job
