@@ -72,6 +72,20 @@ class RemoteStack:
         }
         return {**body, **overrides}
 
+    def s3(self):  # noqa: ANN201
+        """The second API's bucket, created again if a test reset the session's shared moto server since."""
+        from core.storage.s3 import S3Storage
+
+        s3 = S3Storage(BUCKET, endpoint_url=self.moto, access_key_id="testing", secret_access_key="testing")
+        s3.ensure_bucket()
+        return s3
+
+    def copy_artifacts_to_s3(self, job_id: str) -> None:
+        """A finished job's artifacts, copied into the second API's bucket under the same keys."""
+        s3 = self.s3()
+        for f in self.artifacts_root.rglob(f"{job_id}/attempt-*/*"):
+            s3.client.upload_file(str(f), BUCKET, f.relative_to(self.artifacts_root).as_posix())
+
     def logs(self) -> str:
         out = []
         for p in sorted(self.tmp.glob("*.log")):

@@ -297,13 +297,8 @@ def test_download_follows_the_presigned_redirect_without_the_api_key(
 ):
     """The API on S3 answers 307 to a presigned URL; the client goes there without its key, resumes a cut
     transfer there with Range, and verifies every file."""
-    from core.storage.s3 import S3Storage
-    from tests.remote_stack import BUCKET
-
     jid = finished_job["id"]
-    s3 = S3Storage(BUCKET, endpoint_url=remote_stack.moto, access_key_id="testing", secret_access_key="testing")
-    for f in remote_stack.artifacts_root.rglob(f"{jid}/attempt-*/*"):  # the same objects, in the S3 bucket
-        s3.client.upload_file(str(f), BUCKET, f.relative_to(remote_stack.artifacts_root).as_posix())
+    remote_stack.copy_artifacts_to_s3(jid)  # the same objects, in the S3 bucket
     proxy = remote_stack.s3_proxy
     size = next(a["size"] for a in finished_job_artifacts(remote_stack, jid) if a["name"] == "model.safetensors")
     proxy.arm(b"/model.safetensors?", "cut", after_bytes=size // 2)

@@ -78,12 +78,10 @@ def _sha256(path: Path) -> str:
 
 def _artifacts_to_s3(rs: RemoteStack, job_id: str) -> None:
     """The job's artifacts, copied into the bucket the second API serves them from (under the same keys)."""
-    from core.storage.s3 import S3Storage
     from tests.remote_stack import BUCKET
 
-    s3 = S3Storage(BUCKET, endpoint_url=rs.moto, access_key_id="testing", secret_access_key="testing")
-    for f in rs.artifacts_root.rglob(f"{job_id}/attempt-*/*"):
-        s3.client.upload_file(str(f), BUCKET, f.relative_to(rs.artifacts_root).as_posix())
+    rs.copy_artifacts_to_s3(job_id)
+    s3 = rs.s3()
     rule = {"AllowedOrigins": [rs.s3_base], "AllowedMethods": ["GET"], "AllowedHeaders": ["*"]}
     s3.client.put_bucket_cors(Bucket=BUCKET, CORSConfiguration={"CORSRules": [rule]})
 
