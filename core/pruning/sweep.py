@@ -164,7 +164,7 @@ def _point(target: PruneConfig, label: str, name: str, m: dict[str, Any], wall: 
         "achieved_sparsity": m["achieved_sparsity"],
         "perplexity": ppl.get("pruned"),
         "tasks": tasks.get("pruned"),
-        "exported": target.export.save_model,
+        "exported": target.export.save_model or target.export.masks,  # marked (unmarked targets write neither)
         "dir": name,
         "wall_s": round(wall, 4),
         "block_sparsity": m.get("block_sparsity"),

@@ -15,6 +15,17 @@ from core.pruning.run import prune
 from core.pruning.svgplot import Point, perplexity_plot
 
 
+@pytest.fixture(autouse=True)
+def one_thread():
+    """These runs are small: on shared cores, one thread each is faster than oversubscribed ones."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 def _config(model: Path, text: Path, method: str, **target):
     return PruneConfig(
         model=str(model),
@@ -29,27 +40,30 @@ def _masks(d: Path) -> dict:
     return load_file(str(d / "masks.safetensors"))
 
 
-@pytest.mark.parametrize("method", ["magnitude", "wanda", "sparsegpt"])
-def test_sweep_equals_single_runs(stories260k, text_dir, tmp_path, method):
+@pytest.mark.parametrize(("method", "ratios"), [("wanda", [0.3, 0.6]), ("magnitude", [0.6]), ("sparsegpt", [0.6])])
+def test_sweep_equals_single_runs(stories260k, text_dir, tmp_path, method, ratios):
+    """Each target after the first starts from the restored dense weights: masks and perplexity are those of
+    a single run of it, exactly (all three methods are deterministic on CPU)."""
     text = text_dir / "tinystories-valid.txt"
-    ratios, pats = [0.3, 0.6], ["2:4"]
+    pats = ["2:4"]
+    only_masks = {"export": {"save_model": False}}  # what is compared: the masks, the metrics
     cfg = _config(
-        stories260k, text, method, sparsities=ratios, patterns=pats, export_sparsities=ratios, export_patterns=pats
-    )
+        stories260k, text, method, sparsities=ratios, patterns=pats, export_sparsities=ratios, export_patterns=pats,
+        **only_masks,
+    )  # fmt: skip
     seen: list[Progress] = []
     res = prune(cfg, tmp_path / "sweep", on_progress=seen.append)
     assert verify(tmp_path / "sweep") == []
     points = {str(p["target"]): p for p in res.metrics["sweep"]["points"]}
-    assert list(points) == ["0.3", "0.6", "2:4"]
-    for key, target, name in [
-        ("0.3", {"sparsity": 0.3}, "sparsity-0.30"),
-        ("0.6", {"sparsity": 0.6}, "sparsity-0.60"),
-        ("2:4", {"pattern": "2:4"}, "nm-2-4"),
-    ]:
-        single = prune(_config(stories260k, text, method, **target), tmp_path / name).metrics
+    targets = [(f"{x:g}", {"sparsity": x}, f"sparsity-{x:.2f}") for x in ratios] + [
+        ("2:4", {"pattern": "2:4"}, "nm-2-4")
+    ]
+    assert list(points) == [t[0] for t in targets]
+    for key, target, name in targets:
+        single = prune(_config(stories260k, text, method, **target, **only_masks), tmp_path / name).metrics
         mine = json.loads((tmp_path / "sweep" / name / "metrics.json").read_text())
         assert points[key]["perplexity"] == single["perplexity"]["pruned"], key  # exactly: same computation
-        assert mine["perplexity"] == single["perplexity"]
+        assert mine["perplexity"] == single["perplexity"] and mine["layers"] == single["layers"]
         assert points[key]["achieved_sparsity"] == single["achieved_sparsity"]
         a, b = _masks(tmp_path / "sweep" / name), _masks(tmp_path / name)
         assert a.keys() == b.keys() and all(a[k].equal(b[k]) for k in a), key
@@ -59,9 +73,10 @@ def test_sweep_equals_single_runs(stories260k, text_dir, tmp_path, method):
     values = [frac(p) for p in seen]
     assert values == sorted(values) and values[-1] == pytest.approx(frac.start["export"])
     blocks = [p for p in seen if p.stage == "prune" and p.block is not None]
-    assert blocks[-1].block + 1 == blocks[-1].total_blocks == 3 * 5
-    assert blocks[0].message.startswith("prune 0.3 (1/3)")
-    assert any(p.stage == "evaluate 2:4 (3/3)" for p in seen)
+    n = len(targets)
+    assert blocks[-1].block + 1 == blocks[-1].total_blocks == n * 5
+    assert blocks[0].message.startswith(f"prune {targets[0][0]} (1/{n})")
+    assert any(p.stage == f"evaluate 2:4 ({n}/{n})" for p in seen)
 
 
 def test_only_marked_targets_are_exported_and_the_plot_is_written(stories260k, text_dir, tmp_path):
@@ -141,3 +156,21 @@ def test_svg_plot_escapes_and_skips_missing_points():
     )
     assert svg.count('class="point"') == 2 and "<b>" not in svg and "&lt;2:4&gt;" in svg
     assert 'class="curve"' not in svg  # a line needs two joined points
+
+
+def test_a_sweep_without_evaluation_and_a_stop_between_targets(stories260k, text_dir, tmp_path):
+    from core.pruning.errors import Cancelled
+
+    cal = CalibrationConfig(source=str(text_dir / "tinystories-valid.txt"), nsamples=4, seqlen=64)
+    cfg = PruneConfig(model=str(stories260k), method="magnitude", sparsities=[0.2, 0.4], calibration=cal)
+    res = prune(cfg, tmp_path / "plain")
+    assert [p["perplexity"] for p in res.metrics["sweep"]["points"]] == [None, None]
+    assert res.metrics["sweep"]["dense_perplexity"] is None and (tmp_path / "plain" / "sweep.svg").is_file()
+
+    seen: list[str] = []
+    with pytest.raises(Cancelled):
+        prune(
+            cfg, tmp_path / "stopped", on_progress=lambda p: seen.append(p.stage), should_stop=lambda: "prune" in seen
+        )
+    assert not (tmp_path / "stopped").exists()
+    assert [p.name for p in tmp_path.iterdir()] == ["plain"]  # no scratch or staging left beside it
