@@ -174,3 +174,32 @@ def test_a_sweep_without_evaluation_and_a_stop_between_targets(stories260k, text
         )
     assert not (tmp_path / "stopped").exists()
     assert [p.name for p in tmp_path.iterdir()] == ["plain"]  # no scratch or staging left beside it
+
+
+def test_owl_ratios_and_task_scores_are_shared_and_each_target_equals_its_single_run(stories260k, text_dir, tmp_path):
+    """OWL's outlier ratios and the dense task scores come from the dense model once; each ratio gets its own
+    block schedule from them, and its task scores, as a single OWL run of it does."""
+    from core.pruning import tasks
+
+    if not tasks.installed():
+        pytest.skip("lm-eval is not installed")
+    text = str(text_dir / "tinystories-valid.txt")
+    base = {
+        "model": str(stories260k),
+        "method": "wanda",
+        "schedule": {"kind": "owl", "owl_lambda": 0.1},
+        "calibration": {"source": text, "nsamples": 8, "seqlen": 64},
+        "evaluation": {"tasks": ["tinystories_continuation"], "limit": 8, "batch_size": 8},
+        "export": {"save_model": False},
+    }
+    res = prune(PruneConfig.model_validate({**base, "sparsities": [0.5, 0.6], "export_sparsities": [0.5, 0.6]}),
+                tmp_path / "sweep")  # fmt: skip
+    points = res.metrics["sweep"]["points"]
+    assert res.metrics["sweep"]["dense_tasks"]["tinystories_continuation"]["acc"] > 0
+    for p in points:
+        single = prune(PruneConfig.model_validate({**base, "sparsity": p["target"]}), tmp_path / p["dir"]).metrics
+        assert p["block_sparsity"] == single["block_sparsity"] and len(set(p["block_sparsity"])) > 1
+        assert p["tasks"] == single["tasks"]["pruned"]
+        assert res.metrics["tasks"]["dense"] == single["tasks"]["dense"]
+        a, b = _masks(tmp_path / "sweep" / p["dir"]), _masks(tmp_path / p["dir"])
+        assert all(a[k].equal(b[k]) for k in a)
