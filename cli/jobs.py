@@ -44,6 +44,7 @@ from cli.remote import (
     print_table,
     short,
 )
+from cli.sweep_view import request_targets, sweep_table
 from client import Client, CreatedJob, Event, Job
 from client.models import STATUSES
 
@@ -325,6 +326,9 @@ def watch(
 
 # read --------------------------------------------------------------------------------------------------------
 def _target(j: Job) -> str:
+    sweep = request_targets(j.request or {})
+    if sweep:
+        return sweep
     if j.pattern:
         return j.pattern
     if j.sparsity is not None:
@@ -420,6 +424,8 @@ def show(
     for k, v in j.metadata.items():
         t.add_row(f"metadata.{k}", v)
     print_table(t)
+    if m.get("sweep"):
+        print_table(sweep_table(m["sweep"]))
 
 
 # change ------------------------------------------------------------------------------------------------------

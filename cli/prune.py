@@ -116,6 +116,8 @@ prune.__annotations__ = {p.name: p.annotation for p in prune.__signature__.param
 
 
 def summary(m: dict[str, Any], where: Path) -> None:
+    if m.get("sweep"):
+        return sweep_summary(m, where)
     t = Table(title=f"secateurs: {m['method']} on {Path(m['model']['source']).name}", show_header=False)
     t.add_column(style="bold")
     t.add_column()
@@ -155,3 +157,17 @@ def summary(m: dict[str, Any], where: Path) -> None:
         t.add_row("damping retries", f"[yellow]{m['damping_retries']} (see metrics.json)[/]")
     t.add_row("output", str(where))
     stdout.print(t)
+
+
+def sweep_summary(m: dict[str, Any], where: Path) -> None:
+    from cli.sweep_view import sweep_table
+
+    p = m.get("perplexity") or {}
+    proto = p.get("protocol") or {}
+    title = f"secateurs sweep: {m['method']} on {Path(m['model']['source']).name}"
+    if proto:
+        title += f" (perplexity on {Path(str(proto.get('source'))).name}, {proto.get('windows')}×{proto.get('seqlen')})"
+    stdout.print(sweep_table(m["sweep"], title))
+    shared = ", ".join(f"{k} {v:.2f}s" for k, v in m["timings"]["shared"].items())
+    stdout.print(f"shared: {shared}; targets {m['timings']['targets']:.2f}s; total {m['timings']['total']:.2f}s")
+    stdout.print(f"output: {where} (plot: {where / m['sweep']['plot']})")

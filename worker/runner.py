@@ -96,6 +96,7 @@ SUMMARY_KEYS = (
     "damping_retries",
     "memory",
     "structure",
+    "sweep",
 )
 
 

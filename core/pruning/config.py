@@ -20,9 +20,12 @@ from pydantic.json_schema import JsonSchemaValue
 from pydantic_core import InitErrorDetails, PydanticCustomError, core_schema
 
 from core.pruning.config_schema import (
+    NM,
     PATTERN_FIELD,
     SCHEDULE_RULES,
     STRUCTURE_RULES,
+    SWEEP_MAX,
+    SWEEP_MAX_MIXED_PATTERNS,
     cross_field_rules,
 )
 from core.schema_rules import NON_BLANK, JsonSchema
@@ -276,6 +279,40 @@ class PruneConfig(_Strict):
         None, description=PATTERN_FIELD["description"], json_schema_extra={"pattern": PATTERN_FIELD["pattern"]}
     )
 
+    sparsities: list[float] | None = Field(
+        None,
+        description="a sweep: several unstructured targets in one job (instead of `sparsity`); the model, the "
+        "calibration windows and the dense evaluation are shared",
+        json_schema_extra={
+            "minItems": 1,
+            "maxItems": SWEEP_MAX,
+            "uniqueItems": True,
+            "items": {"type": "number", "minimum": 0, "exclusiveMaximum": 1},
+        },
+    )
+    patterns: list[str] | None = Field(
+        None,
+        description="a sweep: several N:M patterns in one job (instead of `pattern`; with `sparsities` at most "
+        f"{SWEEP_MAX_MIXED_PATTERNS} patterns and {SWEEP_MAX - SWEEP_MAX_MIXED_PATTERNS} ratios)",
+        json_schema_extra={
+            "minItems": 1,
+            "maxItems": SWEEP_MAX,
+            "uniqueItems": True,
+            "items": {"type": "string", "pattern": f"^(?:{NM})$"},
+        },
+    )
+    export_sparsities: list[float] = Field(
+        default_factory=list,
+        description="sweep targets (each must be among `sparsities`) whose pruned model and masks are written; "
+        "the others give metrics only",
+        json_schema_extra={"maxItems": SWEEP_MAX, "items": {"type": "number", "minimum": 0, "exclusiveMaximum": 1}},
+    )
+    export_patterns: list[str] = Field(
+        default_factory=list,
+        description="sweep patterns (each must be among `patterns`) whose pruned model and masks are written",
+        json_schema_extra={"maxItems": SWEEP_MAX, "items": {"type": "string", "pattern": f"^(?:{NM})$"}},
+    )
+
     true_sequential: bool = Field(False, description="prune [q,k,v]→[o]→[gate,up]→[down] in turn")
     propagate: Literal["pruned", "dense"] = Field(
         "pruned", description="what the next block is calibrated on: pruned (the papers) or dense block outputs"
@@ -319,13 +356,38 @@ class PruneConfig(_Strict):
     def _pattern(cls, v: str | None) -> str | None:
         if v is None or v == "unstructured":
             return None
-        m = _PATTERN.match(v.strip())
-        if not m:
-            raise ValueError("must be 'unstructured' or N:M such as 2:4")
-        n, mm = int(m.group(1)), int(m.group(2))
-        if not 0 < n < mm:
-            raise ValueError(f"N:M needs 0 < N < M, got {n}:{mm}")
-        return f"{n}:{mm}"
+        return _nm_pattern(v)
+
+    @field_validator("patterns", "export_patterns", mode="before")
+    @classmethod
+    def _split_patterns(cls, v: Any) -> Any:
+        if isinstance(v, str):
+            v = [v]
+        if isinstance(v, list) and all(isinstance(x, str) for x in v):
+            return [p.strip() for x in v for p in x.split(",") if p.strip()]
+        return v
+
+    @field_validator("patterns", "export_patterns")
+    @classmethod
+    def _patterns(cls, v: list[str] | None) -> list[str] | None:
+        if v is None:
+            return None
+        out = [_nm_pattern(p, "must be N:M such as 2:4") for p in v]
+        if len(set(out)) != len(out):
+            raise ValueError("every pattern at most once")
+        return out
+
+    @field_validator("sparsities", "export_sparsities")
+    @classmethod
+    def _ratios(cls, v: list[float] | None) -> list[float] | None:
+        if v is None:
+            return None
+        bad = [x for x in v if not 0 <= x < 1]
+        if bad:
+            raise ValueError(f"every sparsity must be in [0, 1), got {bad[0]}")
+        if len({round(x, 6) for x in v}) != len(v):
+            raise ValueError("every sparsity at most once")
+        return v
 
     @field_validator("exclude")
     @classmethod
@@ -345,6 +407,12 @@ class PruneConfig(_Strict):
 
     @model_validator(mode="after")
     def _target(self) -> PruneConfig:
+        if self.is_sweep:
+            self._check_sweep()
+            return self
+        for name in ("export_sparsities", "export_patterns"):
+            if getattr(self, name):
+                _field_error(name, "sweep_export", "names sweep targets; give `sparsities` or `patterns`")
         if self.sparsity is None and self.pattern is None and self.structure is None:
             raise ValueError("give `sparsity`, an N:M `pattern`, or a `structure` block")
         if self.nm is not None and self.schedule.kind != "uniform":
@@ -352,6 +420,63 @@ class PruneConfig(_Strict):
         if self.schedule.kind != "uniform" and self.sparsity is None:
             raise ValueError("a non-uniform schedule needs a `sparsity` target")
         return self
+
+    def _check_sweep(self) -> None:
+        ratios, pats = self.sparsities or [], self.patterns or []
+        for name in ("sparsity", "pattern", "structure"):
+            if getattr(self, name) is not None:
+                _field_error(name, "sweep_exclusive", f"a sweep (`sparsities`/`patterns`) takes no `{name}`")
+        for name, given in (("sparsities", self.sparsities), ("patterns", self.patterns)):
+            if given is not None and not given:
+                _field_error(name, "sweep_empty", "must list at least one target")
+        if (
+            ratios
+            and pats
+            and (len(pats) > SWEEP_MAX_MIXED_PATTERNS or len(ratios) > SWEEP_MAX - SWEEP_MAX_MIXED_PATTERNS)
+        ):
+            name = "patterns" if len(pats) > SWEEP_MAX_MIXED_PATTERNS else "sparsities"
+            _field_error(
+                name,
+                "sweep_too_many",
+                f"a sweep of both takes at most {SWEEP_MAX_MIXED_PATTERNS} patterns and "
+                f"{SWEEP_MAX - SWEEP_MAX_MIXED_PATTERNS} ratios",
+            )
+        for name, items in (("sparsities", list(ratios)), ("patterns", list(pats))):
+            if len(items) > SWEEP_MAX:
+                _field_error(name, "sweep_too_many", f"a sweep takes at most {SWEEP_MAX} targets")
+        swept = {round(x, 6) for x in ratios}
+        missing = [x for x in self.export_sparsities if round(x, 6) not in swept]
+        if missing:
+            _field_error("export_sparsities", "sweep_export", f"{missing[0]:g} is not among `sparsities`")
+        missing_p = [p for p in self.export_patterns if p not in pats]
+        if missing_p:
+            _field_error("export_patterns", "sweep_export", f"{missing_p[0]} is not among `patterns`")
+        if self.schedule.kind != "uniform":
+            if pats:
+                _field_error(
+                    "patterns",
+                    "sweep_schedule",
+                    "layer-wise schedules apply to unstructured sparsity, not N:M patterns",
+                )
+
+    @property
+    def is_sweep(self) -> bool:
+        return self.sparsities is not None or self.patterns is not None
+
+    def sweep_targets(self) -> list[PruneConfig]:
+        """One single-target config per sweep target (ratios, then patterns), each as a single job would be
+        given; its export settings apply to the targets marked for export, the others write metrics only."""
+        marked_r = {round(x, 6) for x in self.export_sparsities}
+        base = self.model_dump(exclude={"sparsities", "patterns", "export_sparsities", "export_patterns"})
+        out = []
+        targets: list[tuple[str, Any, bool]] = [("sparsity", x, round(x, 6) in marked_r) for x in self.sparsities or []]
+        targets += [("pattern", p, p in self.export_patterns) for p in self.patterns or []]
+        for key, value, exported in targets:
+            data = {**base, key: value}
+            if not exported:
+                data["export"] = {**data["export"], "save_model": False, "masks": False, "compact": False}
+            out.append(PruneConfig.model_validate(data))
+        return out
 
     @property
     def nm(self) -> tuple[int, int] | None:
@@ -367,6 +492,23 @@ class PruneConfig(_Strict):
             n, m = self.nm
             return 1 - n / m
         return self.sparsity or 0.0
+
+
+def _nm_pattern(v: str, wrong: str = "must be 'unstructured' or N:M such as 2:4") -> str:
+    m = _PATTERN.match(v.strip())
+    if not m:
+        raise ValueError(wrong)
+    n, mm = int(m.group(1)), int(m.group(2))
+    if not 0 < n < mm:
+        raise ValueError(f"N:M needs 0 < N < M, got {n}:{mm}")
+    return f"{n}:{mm}"
+
+
+def _field_error(name: str, kind: str, message: str) -> None:
+    """A validation error located at `name` (a model validator's own errors have no location)."""
+    raise ValidationError.from_exception_data(
+        "PruneConfig", [InitErrorDetails(type=PydanticCustomError(kind, message), loc=(name,), input=None)]
+    )
 
 
 def _compile(r: str) -> re.Pattern[str]:

@@ -13,6 +13,8 @@ if TYPE_CHECKING:
     from core.pruning.methods.base import Method
 
 NM_MAX_DIGITS = 3  # the published N:M spelling goes up to M = 999
+SWEEP_MAX = 16  # targets in one sweep job
+SWEEP_MAX_MIXED_PATTERNS = 4  # a sweep of ratios and patterns: at most this many patterns (and 16 - 4 ratios)
 
 
 def _nm_regex(max_digits: int) -> str:
@@ -69,11 +71,33 @@ STRUCTURE_PARTS = ("mlp_channels", "heads", "blocks")
 STRUCTURE_RULES: JsonSchema = {
     "anyOf": [given(part, {"type": "number", "exclusiveMinimum": 0}) for part in STRUCTURE_PARTS]
 }
-# PruneConfig._target
+SPARSITIES_GIVEN = given("sparsities", {"type": "array", "minItems": 1})
+PATTERNS_GIVEN = given("patterns", {"type": "array", "minItems": 1})
+SWEEP_GIVEN: JsonSchema = {"anyOf": [given("sparsities"), given("patterns")]}
+NOT_EMPTY_LIST: JsonSchema = {"type": "array", "minItems": 1}
+# PruneConfig._target and _check_sweep
 TARGET_RULES: list[JsonSchema] = [
-    {"anyOf": [SPARSITY_GIVEN, NM_GIVEN, given("structure", {"type": "object"})]},
+    {"anyOf": [SPARSITY_GIVEN, NM_GIVEN, given("structure", {"type": "object"}), SPARSITIES_GIVEN, PATTERNS_GIVEN]},
+    # a sweep is one of the targets on its own: no single sparsity, pattern or structure beside it
+    {"not": {"allOf": [SWEEP_GIVEN, {"anyOf": [given("sparsity"), NM_GIVEN, given("structure")]}]}},
     {"anyOf": [{"not": NM_GIVEN}, UNIFORM_SCHEDULE]},
-    {"anyOf": [UNIFORM_SCHEDULE, SPARSITY_GIVEN]},
+    {"anyOf": [{"not": PATTERNS_GIVEN}, UNIFORM_SCHEDULE]},
+    {"anyOf": [UNIFORM_SCHEDULE, SPARSITY_GIVEN, {"allOf": [SPARSITIES_GIVEN, {"not": PATTERNS_GIVEN}]}]},
+    # both ratios and patterns: at most 4 patterns and 12 ratios
+    {
+        "anyOf": [
+            {"not": {"allOf": [SPARSITIES_GIVEN, PATTERNS_GIVEN]}},
+            {
+                "properties": {
+                    "sparsities": {"maxItems": SWEEP_MAX - SWEEP_MAX_MIXED_PATTERNS},
+                    "patterns": {"maxItems": SWEEP_MAX_MIXED_PATTERNS},
+                }
+            },
+        ]
+    },
+    # export_* name sweep targets: not given (or empty) without the sweep
+    {"anyOf": [given("sparsities"), {"not": given("export_sparsities", NOT_EMPTY_LIST)}]},
+    {"anyOf": [given("patterns"), {"not": given("export_patterns", NOT_EMPTY_LIST)}]},
 ]
 
 

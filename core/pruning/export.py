@@ -31,7 +31,7 @@ class FileEntry:
     name: str  # posix path relative to the output directory
     size: int
     sha256: str
-    kind: str  # model | config | tokenizer | masks | metrics | compact | other
+    kind: str  # model | config | tokenizer | masks | metrics | compact | plot | other
 
 
 def check_out_dir(out_dir: Path) -> None:
@@ -41,6 +41,13 @@ def check_out_dir(out_dir: Path) -> None:
 
 
 def kind_of(name: str) -> str:
+    head, sep, rest = name.partition("/")
+    if sep and head != "compact":  # a sweep target's own directory: its files are of the kinds they are alone
+        return kind_of(rest)
+    if name == MANIFEST:
+        return "manifest"
+    if name.endswith(".svg"):
+        return "plot"
     if name == MASKS:
         return "masks"
     if name == METRICS:

@@ -43,6 +43,8 @@ def planned_stages(config: PruneConfig) -> list[str]:
     evaluates = config.evaluation is not None
     stages = ["load", "calibrate", *(["evaluate_dense"] if evaluates else [])]
     stages += ["structure"] if config.structure is not None else []
+    if config.is_sweep:  # each target's evaluation is a sub-stage of the sweep's one prune stage
+        return [*stages, "prune", "export"]
     stages += ["prune"] if config.sparsity is not None or config.nm is not None else []
     return [*stages, *(["evaluate"] if evaluates else []), "export"]
 

@@ -64,24 +64,54 @@ class _Clock:
 def prune(
     config: PruneConfig, out_dir: Path | str, on_progress: ProgressFn = no_progress, should_stop: StopFn = never_stop
 ) -> PruneResult:
+    if config.is_sweep:
+        from core.pruning.sweep import sweep
+
+        return sweep(config, out_dir, on_progress, should_stop)
     with reusing_freed_memory():
-        return _prune(config, Path(out_dir), on_progress, should_stop)
+        prep = prepare(config, Path(out_dir), on_progress, should_stop)
+        return prune_prepared(prep, config, Path(out_dir), on_progress, should_stop)
 
 
-def _prune(config: PruneConfig, out_dir: Path, on_progress: ProgressFn, should_stop: StopFn) -> PruneResult:
+@dataclass
+class Prepared:
+    """What every target of a run shares: the loaded model (dense), the calibration windows, the evaluation
+    windows and the dense model's scores, and OWL's outlier ratios (a dense pre-pass)."""
+
+    config: PruneConfig
+    device: torch.device
+    loaded: models.Loaded
+    params_before: int
+    cal: calibration.Calibration
+    batch: int
+    ev_tasks: tasks.TaskRun | None
+    ppl: dict[str, Any] | None  # dense perplexity and the protocol
+    ev_ids: torch.Tensor | None
+    ev_seqlen: int
+    task_scores: dict[str, Any]  # {"dense": ...} when tasks are scored
+    owl: tuple[list[float], list[int]] | None  # outlier ratio and prunable weights of each block
+    clock: _Clock
+    started: float
+
+    @property
+    def model(self) -> torch.nn.Module:
+        return self.loaded.model
+
+
+def prepare(config: PruneConfig, out_dir: Path, on_progress: ProgressFn, should_stop: StopFn) -> Prepared:
+    """Load, calibrate, evaluate the dense model (and OWL's pre-pass): everything before the first block is
+    pruned, which does not depend on the target."""
     preflight.raise_on_problems(config, out_dir)
     device = resolve_device(config.device)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     clock, started = _Clock(), time.perf_counter()
-    method = methods.get(config.method)(config)
 
     on_progress(Progress("load", f"loading {config.model}"))
     with clock.stage("load"):
         loaded = models.load(config.model, config.dtype, config.trust_remote_code, config.revision)
     model, tok = loaded.model, loaded.tokenizer
     params_before = models.count_params(model)
-    _, blocks = models.find_blocks(model)
 
     on_progress(Progress("calibrate", "building calibration windows"))
     with clock.stage("calibrate"):
@@ -93,6 +123,7 @@ def _prune(config: PruneConfig, out_dir: Path, on_progress: ProgressFn, should_s
     if ev_tasks is not None and not loaded.causal:
         raise EvaluationError(f"lm-eval tasks need a causal language model, not a {type(model).__name__}")
     ppl: dict[str, Any] | None = None
+    ev_ids, ev_seqlen = None, 0
     if config.evaluation is not None and config.evaluation.source is not None and loaded.causal:
         with clock.stage("evaluate_dense"):
             ev_ids, ev_protocol = evaluate.eval_tokens(config.evaluation, tok)
@@ -109,6 +140,53 @@ def _prune(config: PruneConfig, out_dir: Path, on_progress: ProgressFn, should_s
             task_scores["dense"] = _task_scores(
                 ev_tasks, model, tok, "evaluate_dense", device, on_progress, should_stop
             )
+
+    owl = None
+    if config.schedule.kind == "owl" and config.structure is None:  # after structure: on the structured model
+        from core.pruning import schedules
+
+        with clock.stage("schedule"):
+            owl = schedules.owl_scores(
+                model,
+                cal.tokens,
+                m=config.schedule.owl_m,
+                device=device,
+                batch_size=batch,
+                exclude=config.exclude,
+                should_stop=should_stop,
+            )
+    return Prepared(
+        config=config,
+        device=device,
+        loaded=loaded,
+        params_before=params_before,
+        cal=cal,
+        batch=batch,
+        ev_tasks=ev_tasks,
+        ppl=ppl,
+        ev_ids=ev_ids,
+        ev_seqlen=ev_seqlen,
+        task_scores=task_scores,
+        owl=owl,
+        clock=clock,
+        started=started,
+    )
+
+
+def prune_prepared(
+    prep: Prepared, config: PruneConfig, out_dir: Path, on_progress: ProgressFn, should_stop: StopFn
+) -> PruneResult:
+    """Prune the prepared (dense) model to `config`'s one target, evaluate it and write `out_dir`. The model is
+    left pruned: a caller pruning another target restores the dense weights first."""
+    device, loaded, cal, batch = prep.device, prep.loaded, prep.cal, prep.batch
+    model, tok = loaded.model, loaded.tokenizer
+    ev_tasks, ev_ids, ev_seqlen = prep.ev_tasks, prep.ev_ids, prep.ev_seqlen
+    ppl = None if prep.ppl is None else dict(prep.ppl)
+    task_scores = dict(prep.task_scores)
+    clock, started = _Clock(), prep.started
+    clock.seconds.update(prep.clock.seconds)
+    method = methods.get(config.method)(config)
+    _, blocks = models.find_blocks(model)
 
     structure_metrics = None
     if config.structure is not None:
@@ -131,7 +209,7 @@ def _prune(config: PruneConfig, out_dir: Path, on_progress: ProgressFn, should_s
     masks, shapes, block_sparsity, skipped = {}, {}, None, []
     if config.sparsity is not None or config.nm is not None:
         with clock.stage("schedule"):
-            block_sparsity = _block_sparsity(config, model, cal.tokens, device, batch, should_stop)
+            block_sparsity = _block_sparsity(config, model, cal.tokens, device, batch, should_stop, prep.owl)
         with clock.stage("prune"), _scratch_beside(out_dir) as spill:
             res = engine.prune_blocks(
                 model,
@@ -152,6 +230,7 @@ def _prune(config: PruneConfig, out_dir: Path, on_progress: ProgressFn, should_s
         layers, masks, shapes, skipped = res.layers, res.masks, res.mask_shapes, res.skipped
 
     if ppl is not None:
+        assert ev_ids is not None
         with clock.stage("evaluate"):
             on_progress(Progress("evaluate", "perplexity of the pruned model"))
             ppl["pruned"] = _perplexity(model, ev_ids, ev_seqlen, config, device)["perplexity"]
@@ -175,7 +254,7 @@ def _prune(config: PruneConfig, out_dir: Path, on_progress: ProgressFn, should_s
             "class": type(model).__name__,
             "blocks": len(blocks),
             "dtype": str(next(model.parameters()).dtype).removeprefix("torch."),
-            "params_before": params_before,
+            "params_before": prep.params_before,
             "params_after": models.count_params(model),
         },
         "calibration": cal.protocol | {"batch_windows": batch},
@@ -280,12 +359,16 @@ def _block_sparsity(
     device: torch.device,
     batch: int,
     should_stop: StopFn,
+    owl: tuple[list[float], list[int]] | None = None,
 ) -> list[float]:
     _, blocks = models.find_blocks(model)
     if config.schedule.kind == "uniform" or config.nm is not None:
         return [config.target_sparsity] * len(blocks)
     from core.pruning import schedules
 
+    if config.schedule.kind == "owl" and owl is not None:  # the dense pre-pass was run once, by `prepare`
+        ratios, sizes = owl
+        return schedules.block_sparsities(config, config.target_sparsity, len(sizes), ratios, sizes)
     return schedules.for_model(config, model, tokens, device=device, batch_size=batch, should_stop=should_stop)
 
 

@@ -62,6 +62,10 @@ def test_prune_writes_a_model_transformers_loads_and_prints_the_table(tiny_model
         (["--method", "obs", "--sparsity", "0.5"], "method"),
         (["--sparsity", "0.5", "--override", "noequals"], "--override"),
         (["--sparsity", "0.5", "--exclude", "("], "invalid regex"),
+        (["--sparsities", "0.3,0.5", "--sparsity", "0.4"], "--sparsity: a sweep"),
+        (["--sparsities", "0.3,x"], "--sparsities"),
+        (["--sparsities", "0.3,0.5", "--export-sparsities", "0.4"], "--export-sparsities: 0.4 is not among"),
+        (["--patterns", "2:4,3:3"], "--patterns"),
     ],
 )
 def test_bad_arguments_exit_nonzero_with_one_line_and_write_nothing(tiny_model, tmp_path, args, needle):
@@ -231,3 +235,29 @@ def test_json_prints_the_metrics(tiny_model, tmp_path):
     metrics = json.loads(r.stdout)
     assert metrics["config"]["method_options"] == {"blocksize": 128, "percdamp": 0.05}
     assert metrics["config"] == json.loads((tmp_path / "o" / "metrics.json").read_text())["config"]
+
+
+def test_a_sweep_prints_one_row_per_target_and_writes_the_plot(tiny_model, tmp_path):
+    src = tiny_model("llama")
+    out = tmp_path / "sweep"
+    cal = src / "calibration.txt"
+    r = cli(
+        "--model", src, "--sparsities", "0.3,0.5", "--patterns", "2:4", "--export-patterns", "2:4",
+        "--calibration", cal, "--nsamples", 8, "--seqlen", 32, "--eval", cal, "--eval-seqlen", 32, "--out", out,
+    )  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    rows = [ln for ln in r.stdout.splitlines() if ln.startswith("│")]
+    assert [ln.split("│")[1].strip() for ln in rows] == ["dense", "0.3", "0.5", "2:4"], r.stdout
+    assert "yes (nm-2-4)" in r.stdout and "sweep.svg" in r.stdout
+    assert (out / "sweep.svg").is_file() and (out / "nm-2-4" / "model.safetensors").is_file()
+    assert not (out / "sparsity-0.30" / "model.safetensors").exists()
+    assert "prune 0.3 (1/3)" in r.stderr or "evaluate 0.3 (1/3)" in r.stderr  # each target's steps are named
+
+
+def test_sweep_cells():
+    from cli.sweep_view import request_targets, targets_text
+
+    assert targets_text([0.7, 0.3, 0.5, 0.4, 0.6], ["2:4"]) == "0.3..0.7 (5) + 2:4"
+    assert targets_text([0.5], None) == "0.5"
+    assert targets_text(None, ["2:4", "4:8"]) == "2:4, 4:8"
+    assert request_targets({"sparsity": 0.5}) is None

@@ -357,7 +357,7 @@ def test_sweep_curve_and_failure_pages(browser: Any, sqlite_database: str, tmp_p
             expect(chart.locator("line.reference")).to_have_count(1)  # the dense model's perplexity
             expect(page.locator("#sweep tbody tr")).to_have_count(5)
             expect(page.locator("#sweep tr[data-target='0.9']")).to_contain_text("—")
-            expect(page.locator("#block-sparsity")).to_contain_text("No per-block sparsity")
+            expect(page.locator("#block-sparsity")).to_have_count(0)  # a sweep: a schedule per target, in its card
             assert page.locator("text=org/<b>model</b>").count() == 1 and page.locator("b").count() == 0
             page.screenshot(path=str(tmp_path / "sweep.png"), full_page=True)
 
@@ -369,3 +369,52 @@ def test_sweep_curve_and_failure_pages(browser: Any, sqlite_database: str, tmp_p
             assert errors == []
         finally:
             ctx.close()
+
+
+def test_a_real_sweep_job_draws_its_curve(remote_stack: RemoteStack, browser: Any, shots: Path) -> None:
+    """A sweep job run by the real worker: the list shows its targets in one cell, the job page its curve (a
+    point per target, the exported ones filled, the dense line) and the per-target table."""
+    from playwright.sync_api import expect
+
+    expect.set_options(timeout=20_000)
+    rs = remote_stack
+    with rs.client() as c:
+        text_set, _ = c.ensure_calibration_set(rs.cal_file)
+    body = rs.job_body(
+        sparsities=[0.3, 0.5, 0.7],
+        patterns=["2:4"],
+        export_sparsities=[0.5],
+        evaluation={"calibration_set_id": text_set.id, "seqlen": 32, "max_windows": 4},
+    )
+    body.pop("sparsity")
+    with rs.http() as c:
+        r = c.post("/v1/pruning-jobs", json=body)
+        assert r.status_code == 201, r.text
+        job_id = r.json()["id"]
+    job = rs.wait_terminal(job_id)
+    assert job["status"] == "succeeded", (job, rs.logs())
+    ctx = browser.new_context(viewport={"width": 1280, "height": 900})
+    page = ctx.new_page()
+    page.add_init_script(WATCH)
+    errors: list[str] = []
+    page.on("pageerror", lambda e: errors.append(str(e)))
+    try:
+        page.goto(rs.base + "/dashboard/#/jobs")
+        page.get_by_label("API key").fill(rs.key)
+        page.get_by_role("button", name="Use this key").click()
+        expect(page.locator(f"#jobs tr[data-job-id='{job_id}']")).to_contain_text("30.0 %..70.0 % (3) + 2:4")
+        page.goto(f"{rs.base}/dashboard/#/jobs/{job_id}")
+        chart = page.locator("#sweep-chart")
+        expect(chart.locator("circle.point")).to_have_count(4)
+        expect(chart.locator("circle.point.exported")).to_have_count(1)
+        expect(chart.locator("circle.nm[data-target='2:4']")).to_have_count(1)
+        expect(chart.locator("line.reference")).to_have_count(1)
+        assert len(chart.locator("polyline.curve").get_attribute("points").split()) == 3
+        expect(page.locator("#sweep tbody tr")).to_have_count(4)
+        expect(page.locator("#sweep tr[data-target='0.5']")).to_contain_text("yes")
+        expect(page.locator("#block-sparsity")).to_have_count(0)
+        page.screenshot(path=str(shots / "sweep-job.png"), full_page=True)
+        assert page.evaluate("window.__violations") == []
+        assert errors == []
+    finally:
+        ctx.close()

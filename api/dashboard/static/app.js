@@ -101,7 +101,18 @@ function duration(seconds) {
   return `${Math.floor(t / 3600)} h ${Math.floor((t % 3600) / 60)} min`;
 }
 
-const target = (job) => (job.pattern ? job.pattern : job.sparsity !== null && job.sparsity !== undefined ? pct(job.sparsity) : "structured");
+// a sweep's targets in one cell: "30 %..70 % (5) + 2:4"
+function sweepTargets(req) {
+  if (!req || typeof req !== "object") return "";
+  const r = Array.isArray(req.sparsities) ? req.sparsities.filter((x) => typeof x === "number").sort((a, b) => a - b) : [];
+  const p = Array.isArray(req.patterns) ? req.patterns.map(String) : [];
+  const parts = [];
+  if (r.length) parts.push(r.length === 1 ? pct(r[0]) : `${pct(r[0])}..${pct(r[r.length - 1])} (${r.length})`);
+  if (p.length) parts.push(p.join(", "));
+  return parts.join(" + ");
+}
+
+const target = (job) => sweepTargets(job.request) || (job.pattern ? job.pattern : job.sparsity !== null && job.sparsity !== undefined ? pct(job.sparsity) : "structured");
 
 function randomKey() {
   // crypto.randomUUID needs a secure context; getRandomValues does not
@@ -616,6 +627,7 @@ async function download(jobId, art, button, state) {
 // --- metric sections ----------------------------------------------------------------------------------------
 
 function sparsitySection(m) {
+  if (m.sweep) return null; // a sweep has one schedule per target: its own card shows them
   const blocks = Array.isArray(m.block_sparsity) ? m.block_sparsity : null;
   const facts = h("dl", { class: "facts" },
     h("dt", { text: "Achieved sparsity" }), h("dd", { id: "achieved-sparsity", text: pct(m.achieved_sparsity) }));
@@ -701,7 +713,7 @@ function sweepSection(m) {
   const parts = [h("h3", { text: "Sweep: perplexity against sparsity" })];
   if (plotted.length) parts.push(sweepChart(plotted, sw.dense_perplexity));
   parts.push(table);
-  return h("section", { class: "card", id: "sweep" }, ...parts);
+  return h("section", { class: "card wide", id: "sweep" }, ...parts);
 }
 
 function sweepChart(points, dense) {

@@ -8,7 +8,7 @@ import torch
 from pydantic import Field
 
 from core.pruning import patterns
-from core.pruning.config_schema import NM_GIVEN
+from core.pruning.config_schema import NM_GIVEN, PATTERNS_GIVEN
 from core.pruning.methods.base import Method, MethodOptions, Pruned, Stats, Target, tokens_first
 from core.schema_rules import given
 
@@ -40,14 +40,15 @@ class Wanda(Method):
         wanda_alpha_search: bool = Field(False, description="Wanda's cumulative-score variant with α bisection")
 
         def conflicts(self, config: PruneConfig) -> list[tuple[str, str]]:
-            if self.wanda_alpha_search and config.pattern is not None:
+            if self.wanda_alpha_search and (config.pattern is not None or config.patterns):
                 return [("wanda_alpha_search", "the α search chooses unstructured masks; an N:M pattern has none")]
             return []
 
         @classmethod
         def config_rules(cls) -> list[dict[str, Any]]:
             alpha_search = {"properties": {"wanda_alpha_search": {"const": True}}, "required": ["wanda_alpha_search"]}
-            return [{"not": {"allOf": [given("method_options", alpha_search), NM_GIVEN]}}]
+            nm = {"anyOf": [NM_GIVEN, PATTERNS_GIVEN]}
+            return [{"not": {"allOf": [given("method_options", alpha_search), nm]}}]
 
     options: Options
 
