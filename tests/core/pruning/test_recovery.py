@@ -252,3 +252,19 @@ def test_progress_fraction_counts_recovery():
     a = frac(Progress("recover", block=0, total_blocks=10))
     b = frac(Progress("recover", block=9, total_blocks=10))
     assert 0 < a < b < frac(Progress("export"))
+
+
+def test_a_missing_recovery_file_is_found_before_the_model_loads(tmp_path, tiny_model):
+    from core.pruning.preflight import PreflightError
+
+    cfg = tiny_config(tiny_model("llama"), {"source": str(tmp_path / "typo.txt")})
+    with pytest.raises(PreflightError) as e:
+        prune(cfg, tmp_path / "out")
+    assert [p.field for p in e.value.problems] == ["recovery.source"] and e.value.code == "recovery_data_error"
+
+
+def test_recovery_from_the_evaluation_file_without_spare_text_says_how_to_fix(tmp_path, tiny_model):
+    d = tiny_model("llama")
+    cfg = tiny_config(d, {"source": str(d / "calibration.txt")}, evaluation={"source": str(d / "calibration.txt")})
+    with pytest.raises(RecoveryDataError, match="evaluation.max_windows"):
+        prune(cfg, tmp_path / "out")
