@@ -22,7 +22,7 @@ FieldPath = tuple[str, ...]
 
 # Fields that are not flags: the model is the command's required -m option, inline texts are for the API, and
 # method_options is spread into one flag per method option.
-NOT_FLAGS: set[FieldPath] = {("model",), ("calibration", "texts"), ("method_options",)}
+NOT_FLAGS: set[FieldPath] = {("model",), ("calibration", "texts"), ("recovery", "texts"), ("method_options",)}
 
 # Flag names the CLI had before they were generated, and lm-eval's own names, where they differ from the
 # generated ones.
@@ -49,6 +49,8 @@ BLOCK_PREFIX = {
     "schedule": "schedule_",
     "structure": "structure_",
     "export": "",
+    "recovery": "recovery_",
+    "gradual": "gradual_",
 }
 MODEL_FIELDS = {"revision", "dtype", "trust_remote_code", "device"}  # how the model is loaded, in a panel of their own
 PANELS = {
@@ -58,6 +60,8 @@ PANELS = {
     "schedule": "Layer-wise schedule",
     "structure": "Structured pruning (runs when any of these is given)",
     "export": "Output",
+    "recovery": "Recovery fine-tuning, masks held exactly (runs when any of these is given)",
+    "gradual": "Gradual pruning in stages, recovering between them (runs when any of these is given)",
     "method_options": "Method options (each applies to the methods named in its help)",
 }
 
@@ -163,7 +167,7 @@ def _flag(
 def _name(path: FieldPath) -> str:
     if path in HISTORICAL_NAMES:
         return HISTORICAL_NAMES[path]
-    return path[0] if len(path) == 1 else BLOCK_PREFIX[path[0]] + path[1]
+    return path[0] if len(path) == 1 else BLOCK_PREFIX[path[0]] + "_".join(path[1:])
 
 
 def config_flags() -> list[Flag]:
@@ -178,7 +182,13 @@ def config_flags() -> list[Flag]:
                 flags.append(_flag(_name((name,)), (name,), field, panel, choices=choices))
             continue
         for sub, subfield in block.model_fields.items():
-            if (name, sub) not in NOT_FLAGS:
+            inner = _model_in(subfield.annotation)
+            if inner is not None:  # a block inside a block (recovery.lora): --recovery-lora-r
+                flags += [
+                    _flag(_name((name, sub, f)), (name, sub, f), ff, PANELS[name])
+                    for f, ff in inner.model_fields.items()
+                ]
+            elif (name, sub) not in NOT_FLAGS:
                 flags.append(_flag(_name((name, sub)), (name, sub), subfield, PANELS[name]))
     return flags + method_option_flags()
 

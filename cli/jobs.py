@@ -276,6 +276,8 @@ class _Watch:
             if p.get("block") is not None and p.get("total_blocks")
             else ""
         )
+        if p.get("stage") == "recover" and p.get("message"):  # step i/N and the running loss
+            blocks = str(p["message"])
         fields: dict[str, Any] = {"blocks": blocks, "eta": duration(p.get("eta_seconds"))}
         if p.get("fraction") is not None:
             fields["completed"] = float(p["fraction"])

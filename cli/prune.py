@@ -80,19 +80,31 @@ def prune(
 
     hf_logging.disable_progress_bar()
     with Progress(
-        TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), console=err
+        TextColumn("[bold]{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        TextColumn("{task.fields[info]}"),
+        console=err,
     ) as bar:
         tasks: dict[str, Any] = {}
 
         def on_progress(p: Report) -> None:
-            if p.stage not in tasks:  # a new stage: close the previous one, open a row for this one
+            # a row per stage; gradual pruning's stages each get their own prune and recover rows
+            row = (
+                f"{p.stage} {p.data['gradual_stage']}/{p.data['gradual_stages']}"
+                if "gradual_stage" in p.data
+                else p.stage
+            )
+            if row not in tasks:  # a new stage: close the previous one, open a row for this one
                 for t in tasks.values():
                     bar.update(t, completed=bar.tasks[t].total or 1, total=bar.tasks[t].total or 1)
                 if p.stage == "done":
                     return
-                tasks[p.stage] = bar.add_task(p.stage, total=p.total_blocks)
+                tasks[row] = bar.add_task(row, total=p.total_blocks, info="")
+            info = f"loss {p.data['loss']:.4f}" if p.stage == "recover" and "loss" in p.data else ""
             if p.total_blocks:
-                bar.update(tasks[p.stage], total=p.total_blocks, completed=0 if p.block is None else p.block + 1)
+                bar.update(tasks[row], total=p.total_blocks, completed=0 if p.block is None else p.block + 1, info=info)
 
         try:
             result = run(cfg, out, on_progress=on_progress)
@@ -142,8 +154,17 @@ def summary(m: dict[str, Any], where: Path) -> None:
         fmt = lambda x: "n/a" if x is None else f"{x:.4f}"  # noqa: E731
         t.add_row(
             "perplexity",
-            f"{fmt(p['dense'])} → {fmt(p.get('pruned'))} "
-            f"({p['protocol']['source']}, {p['protocol']['windows']}×{p['protocol']['seqlen']})",
+            f"{fmt(p['dense'])} → {fmt(p.get('pruned'))}"
+            + (f" → {fmt(p['recovered'])} recovered" if "recovered" in p else "")
+            + f" ({p['protocol']['source']}, {p['protocol']['windows']}×{p['protocol']['seqlen']})",
+        )
+    if m.get("recovery"):
+        r = m["recovery"]
+        t.add_row(
+            "recovery",
+            f"{r['config']['mode']}{' + distill' if r['config']['distill'] else ''}: {r['steps']} steps, "
+            f"{r['tokens_seen']:,} tokens, loss {r['runs'][0]['loss_first']} → {r['runs'][-1]['loss_last']}, "
+            f"masks held ({r['mask_violations']} violations)",
         )
     for task, dense in ((m.get("tasks") or {}).get("dense") or {}).items():
         pruned = m["tasks"].get("pruned", {}).get(task, {})

@@ -97,12 +97,17 @@ SUMMARY_KEYS = (
     "memory",
     "structure",
     "sweep",
+    "recovery",
+    "gradual",
 )
 
 
 def summarize(metrics: dict[str, Any]) -> dict[str, Any]:
     """The job's metrics summary; the full report (per layer) is the metrics.json artifact."""
-    return _jsonable({k: metrics[k] for k in SUMMARY_KEYS if k in metrics})
+    summary = {k: metrics[k] for k in SUMMARY_KEYS if k in metrics}
+    if summary.get("recovery"):  # each run's own loss curve stays in metrics.json
+        summary["recovery"] = {k: v for k, v in summary["recovery"].items() if k != "runs"}
+    return _jsonable(summary)
 
 
 def _fetch_set(settings: Settings, storage: Storage, tenant_id: str, ref: str, dest: Path, *, as_text: bool) -> Path:
@@ -144,8 +149,15 @@ def prepare_config(
     if str(cal.get("source", "")).startswith("uploaded:"):
         cal["source"] = str(_fetch_set(settings, storage, tenant_id, cal["source"], inputs, as_text=False))
     ev = data.get("evaluation")
-    if ev and str(ev.get("source", "")).startswith("uploaded:"):
+    ev_ref = str((ev or {}).get("source") or "")
+    if ev and ev_ref.startswith("uploaded:"):
         ev["source"] = str(_fetch_set(settings, storage, tenant_id, ev["source"], inputs, as_text=True))
+    rc = data.get("recovery")
+    if rc and str(rc.get("source") or "").startswith("uploaded:"):
+        if rc["source"] == ev_ref and ev:  # the very file evaluation reads: its windows are kept out of training
+            rc["source"] = ev["source"]
+        else:
+            rc["source"] = str(_fetch_set(settings, storage, tenant_id, rc["source"], inputs, as_text=False))
     data["device"] = settings.device
     return PruneConfig.model_validate(data)
 

@@ -8,11 +8,18 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field, create_model, field_validator, model_validator
 
 from core.jobs.model_ref import MODEL_REF_SCHEMA
-from core.pruning.config import NAMED_SETS, EvalConfig, PruneConfig, lift_method_settings, publish_cross_field_rules
+from core.pruning.config import (
+    NAMED_SETS,
+    EvalConfig,
+    PruneConfig,
+    RecoveryConfig,
+    lift_method_settings,
+    publish_cross_field_rules,
+)
 from core.schema_rules import NON_BLANK, JsonSchema, at_most_one_of
 
 # Fields a tenant may not set: the worker decides where and how code runs.
-_SERVER_SIDE = {"model", "device", "trust_remote_code", "calibration", "evaluation"}
+_SERVER_SIDE = {"model", "device", "trust_remote_code", "calibration", "evaluation", "recovery"}
 
 _copied: dict[str, Any] = {
     name: (f.annotation, f) for name, f in PruneConfig.model_fields.items() if name not in _SERVER_SIDE
@@ -121,6 +128,40 @@ class EvaluationIn(_TextSourceIn):
         return self
 
 
+_RecoverySettings = create_model(
+    "_RecoverySettings",
+    __config__=ConfigDict(extra="forbid"),
+    **{n: (f.annotation, f) for n, f in RecoveryConfig.model_fields.items() if n not in ("source", "texts")},  # type: ignore[call-overload]
+)
+
+
+class RecoveryIn(_TextSourceIn, _RecoverySettings):
+    """Recovery fine-tuning (the engine's `recovery` block) on at most one of `source`, `calibration_set_id`,
+    `texts`; none: the calibration's text."""
+
+    model_config = ConfigDict(extra="forbid", json_schema_extra=at_most_one_of("source", "calibration_set_id", "texts"))
+
+    source: str | None = Field(
+        None, description=f"named set: {', '.join(NAMED_SETS)}", json_schema_extra=NAMED_SET_SCHEMA
+    )
+    calibration_set_id: str | None = Field(
+        None, description="fine-tune on an uploaded text set (cal_...)", json_schema_extra=CAL_ID_SCHEMA
+    )
+    texts: list[str] | None = Field(
+        None,
+        max_length=10_000,
+        description="inline texts, at least one not blank",
+        json_schema_extra={"minItems": 1, "contains": {"type": "string", "pattern": NON_BLANK}},
+    )
+
+    @model_validator(mode="after")
+    def _one_source(self) -> RecoveryIn:
+        given = [n for n in ("source", "calibration_set_id", "texts") if getattr(self, n) is not None]
+        if len(given) > 1:
+            raise ValueError(f"give only one of source, calibration_set_id, texts (got {', '.join(given)})")
+        return self
+
+
 EXAMPLES = [
     {
         "model": "meta-llama/Llama-3.2-1B",
@@ -152,6 +193,7 @@ class JobCreate(_PruneFields):
     )
     calibration: CalibrationIn = Field(default_factory=CalibrationIn)
     evaluation: EvaluationIn | None = None
+    recovery: RecoveryIn | None = Field(None, description="fine-tune after pruning, masks held exactly")
     metadata: dict[str, str] = Field(
         default_factory=dict,
         description="up to 16 string pairs (keys 1-64, values up to 512 characters), echoed back",

@@ -76,7 +76,7 @@ class JobService:
     def build_config(self, body: JobCreate) -> PruneConfig:
         """Map the API body onto PruneConfig; every rejection names the field."""
         classify_model(body.model, self.settings.model_roots)
-        data = body.model_dump(exclude={"metadata", "calibration", "evaluation"})
+        data = body.model_dump(exclude={"metadata", "calibration", "evaluation", "recovery"})
         cal = body.calibration
         data["calibration"] = {
             "source": self._text_source(cal, "calibration", default="c4"),
@@ -97,6 +97,16 @@ class JobService:
                 "task_paths": [check_task_path(p, self.settings.task_roots, i) for i, p in enumerate(ev.task_paths)],
                 "num_fewshot": ev.num_fewshot,
                 "limit": ev.limit,
+            }
+        rc = body.recovery
+        if rc is not None:
+            data["recovery"] = {
+                **rc.model_dump(exclude={"source", "calibration_set_id", "texts"}),
+                "texts": rc.texts,
+                # none given: the calibration's text (the engine's default)
+                "source": None
+                if rc.source is None and rc.calibration_set_id is None
+                else self._text_source(rc, "recovery", default="c4"),
             }
         data["device"] = self.settings.device
         try:

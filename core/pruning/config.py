@@ -238,6 +238,72 @@ class StructureConfig(_Strict):
         return self
 
 
+class LoraConfig(_Strict):
+    """LoRA adapters (peft) on the pruned linear layers; merged into the weights at the end and re-masked."""
+
+    r: int = Field(16, ge=1, le=4096, description="LoRA rank")
+    alpha: float = Field(32.0, gt=0, description="LoRA scaling numerator (scale = alpha / r)")
+    dropout: float = Field(0.0, ge=0, lt=1, description="LoRA dropout")
+    targets: list[str] = Field(
+        default_factory=list,
+        description="regexes of the pruned layers that get adapters (default: every pruned layer)",
+        json_schema_extra={"items": {"type": "string", "format": "regex"}},
+    )
+
+    @field_validator("targets")
+    @classmethod
+    def _regexes(cls, v: list[str]) -> list[str]:
+        for r in v:
+            _compile(r)
+        return v
+
+
+class RecoveryConfig(_Strict):
+    """Fine-tuning after pruning with the masks held exactly: every pruned weight stays 0 after every step."""
+
+    source: str | None = Field(
+        None,
+        description="named set (c4, wikitext2, ptb) or a local .txt/.jsonl/.pt/.npy file (default: the calibration "
+        "source); windows never overlap the evaluated text when both come from one file",
+    )
+    texts: list[str] | None = Field(
+        None,
+        description="inline texts; used instead of `source` when given",
+        json_schema_extra={"minItems": 1, "contains": {"type": "string", "pattern": NON_BLANK}},
+    )
+    steps: int = Field(100, ge=1, le=10_000_000, description="optimizer steps (gradual: spread over the stages)")
+    lr: float = Field(1e-4, gt=0, le=10, description="peak learning rate (AdamW; warmup, then cosine decay)")
+    mode: Literal["full", "lora"] = Field("full", description="full: every kept weight trains; lora: peft LoRA")
+    batch_size: int = Field(8, ge=1, le=4096, description="windows per micro-batch")
+    seqlen: int | None = Field(None, ge=2, le=1_048_576, description="tokens per window (default: calibration's)")
+    seed: int = Field(0, description="window sampling and LoRA initialisation seed")
+    warmup_steps: int = Field(0, ge=0, description="linear warmup steps")
+    weight_decay: float = Field(0.0, ge=0, le=10, description="AdamW weight decay")
+    grad_accum: int = Field(1, ge=1, le=4096, description="micro-batches per optimizer step")
+    max_grad_norm: float | None = Field(1.0, gt=0, description="gradient clipping norm (none: no clipping)")
+    distill: bool = Field(
+        False, description="loss = KL to the dense model's logits (a dense copy is kept in memory as the teacher)"
+    )
+    gradient_checkpointing: bool = Field(False, description="recompute activations in the backward pass")
+    lora: LoraConfig = Field(default_factory=LoraConfig)
+
+    @field_validator("texts")
+    @classmethod
+    def _non_empty(cls, v: list[str] | None) -> list[str] | None:
+        if v is not None and not any(t.strip() for t in v):
+            raise ValueError("must contain at least one non-empty text")
+        return v
+
+
+class GradualConfig(_Strict):
+    """Prune in `stages` steps s1 < ... < sk = target, recovering (and recalibrating) between them."""
+
+    stages: int = Field(3, ge=2, le=100, description="pruning stages up to the target")
+    schedule: Literal["cubic", "linear"] = Field(
+        "cubic", description="cubic: s_i = s·(1 − (1 − i/k)³) (Zhu & Gupta 2017); linear: s·i/k"
+    )
+
+
 class ExportConfig(_Strict):
     save_model: bool = Field(True, description="write the pruned model")
     masks: bool = Field(True, description="write masks.safetensors")
@@ -337,6 +403,8 @@ class PruneConfig(_Strict):
     schedule: ScheduleConfig = Field(default_factory=ScheduleConfig)
     structure: StructureConfig | None = None
     export: ExportConfig = Field(default_factory=ExportConfig)
+    recovery: RecoveryConfig | None = Field(None, description="fine-tune after pruning, masks held exactly")
+    gradual: GradualConfig | None = Field(None, description="prune in stages, recovering between them")
 
     @model_validator(mode="before")
     @classmethod
@@ -419,10 +487,30 @@ class PruneConfig(_Strict):
             raise ValueError("layer-wise schedules apply to unstructured sparsity, not N:M patterns")
         if self.schedule.kind != "uniform" and self.sparsity is None:
             raise ValueError("a non-uniform schedule needs a `sparsity` target")
+        if self.gradual is not None:
+            if self.nm is not None:
+                _field_error(
+                    "gradual",
+                    "invalid_combination",
+                    "gradual pruning needs an unstructured `sparsity` target: an N:M pattern has no increasing "
+                    "ratios on the way to it (prune N:M one-shot and use `recovery`)",
+                )
+            if self.sparsity is None:
+                _field_error(
+                    "gradual", "invalid_combination", "gradual pruning needs an unstructured `sparsity` target"
+                )
         return self
 
     def _check_sweep(self) -> None:
         ratios, pats = self.sparsities or [], self.patterns or []
+        for name in ("recovery", "gradual"):
+            if getattr(self, name) is not None:
+                _field_error(
+                    name,
+                    "sweep_exclusive",
+                    f"a sweep (`sparsities`/`patterns`) takes no `{name}`: choose the target from the sweep, then "
+                    f"run it as a job of its own with `{name}`",
+                )
         for name in ("sparsity", "pattern", "structure"):
             if getattr(self, name) is not None:
                 _field_error(name, "sweep_exclusive", f"a sweep (`sparsities`/`patterns`) takes no `{name}`")
@@ -506,9 +594,8 @@ def _nm_pattern(v: str, wrong: str = "must be 'unstructured' or N:M such as 2:4"
 
 def _field_error(name: str, kind: str, message: str) -> None:
     """A validation error located at `name` (a model validator's own errors have no location)."""
-    raise ValidationError.from_exception_data(
-        "PruneConfig", [InitErrorDetails(type=PydanticCustomError(kind, message), loc=(name,), input=None)]
-    )
+    err = PydanticCustomError(kind, "{message}", {"message": message})
+    raise ValidationError.from_exception_data("PruneConfig", [InitErrorDetails(type=err, loc=(name,), input=None)])
 
 
 def _compile(r: str) -> re.Pattern[str]:

@@ -95,6 +95,10 @@ TARGET_RULES: list[JsonSchema] = [
             },
         ]
     },
+    # a sweep fine-tunes nothing: no recovery or gradual pruning beside it
+    {"not": {"allOf": [SWEEP_GIVEN, {"anyOf": [given("recovery"), given("gradual")]}]}},
+    # gradual pruning climbs to an unstructured sparsity target (no N:M pattern)
+    {"anyOf": [{"not": given("gradual")}, {"allOf": [SPARSITY_GIVEN, {"not": NM_GIVEN}]}]},
     # export_* name sweep targets: not given (or empty) without the sweep
     {"anyOf": [given("sparsities"), {"not": given("export_sparsities", NOT_EMPTY_LIST)}]},
     {"anyOf": [given("patterns"), {"not": given("export_patterns", NOT_EMPTY_LIST)}]},

@@ -29,3 +29,15 @@ class Cancelled(PruningError):
     """Raised between blocks when the caller's `should_stop()` returns True."""
 
     code = "cancelled"
+
+
+class RecoveryDataError(PruningError):
+    """The recovery text cannot give one batch (or cannot be read)."""
+
+    code = "recovery_data_error"
+
+
+class RecoveryError(PruningError):
+    """Recovery cannot run as configured (e.g. the distillation teacher will not fit)."""
+
+    code = "recovery_error"

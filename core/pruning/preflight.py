@@ -76,6 +76,11 @@ def check(
             on_this_machine,
             tokens_allowed=False,
         )
+    rc = config.recovery
+    if rc is not None and rc.texts is None and rc.source is not None:
+        problems += _text_source(
+            "recovery.source", rc.source, "recovery_data_error", resolve_upload, on_this_machine, tokens_allowed=True
+        )
     problems += tasks.problems(config.evaluation, on_this_machine=on_this_machine)
     problems += _combinations(config, on_this_machine)
     if out_dir is not None:

@@ -12,7 +12,7 @@ if TYPE_CHECKING:
 
 @dataclass(frozen=True)
 class Progress:
-    stage: str  # load | calibrate | evaluate_dense | prune | structure | evaluate | export
+    stage: str  # load | calibrate | evaluate_dense | structure | prune | evaluate_pruned | recover | evaluate | export
     message: str = ""
     block: int | None = None  # 0-based index of the block just finished
     total_blocks: int | None = None
@@ -33,6 +33,8 @@ STAGE_WEIGHTS = {
     "evaluate_dense": 2,
     "structure": 4,
     "prune": 10,
+    "evaluate_pruned": 2,
+    "recover": 10,  # a recovery of a few hundred steps costs about what pruning does on small models
     "evaluate": 2,
     "export": 1,
 }
@@ -46,6 +48,8 @@ def planned_stages(config: PruneConfig) -> list[str]:
     if config.is_sweep:  # each target's evaluation is a sub-stage of the sweep's one prune stage
         return [*stages, "prune", "export"]
     stages += ["prune"] if config.sparsity is not None or config.nm is not None else []
+    if config.recovery is not None:
+        stages += [*(["evaluate_pruned"] if evaluates else []), "recover"]
     return [*stages, *(["evaluate"] if evaluates else []), "export"]
 
 
@@ -64,8 +68,11 @@ class RunFraction:
         self.last = 0.0
 
     def __call__(self, p: Progress) -> float:
-        if p.stage in self.start:  # a stage outside the plan (a sub-step) keeps the last figure
-            now = self.start[p.stage] + self.share[p.stage] * (p.fraction or 0.0)
+        # gradual pruning's stages (their pruning and the recoveries between them) count inside `prune`'s share
+        stage = p.data.get("counts_as", p.stage)
+        fraction = p.data.get("stage_fraction", p.fraction)
+        if stage in self.start:  # a stage outside the plan (a sub-step) keeps the last figure
+            now = self.start[stage] + self.share[stage] * (fraction or 0.0)
             self.last = max(self.last, min(1.0, now))
         return self.last
 

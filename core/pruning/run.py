@@ -19,7 +19,18 @@ from typing import Any
 
 import torch
 
-from core.pruning import calibration, engine, evaluate, export, methods, models, preflight, tasks
+from core.pruning import (
+    calibration,
+    engine,
+    evaluate,
+    export,
+    gradual,
+    methods,
+    models,
+    preflight,
+    recovery,
+    tasks,
+)
 from core.pruning.config import PruneConfig
 from core.pruning.errors import Cancelled, EvaluationError
 from core.pruning.export import FileEntry
@@ -188,6 +199,21 @@ def prune_prepared(
     method = methods.get(config.method)(config)
     _, blocks = models.find_blocks(model)
 
+    scored_ids = ev_ids if ppl is not None and config.evaluation is not None else None
+    rec = recovery.Plan(
+        config,
+        model,
+        tok,
+        device,
+        clock.stage,
+        eval_scored=None
+        if scored_ids is None or config.evaluation is None or ppl is None
+        else (config.evaluation.source, scored_ids, ppl["protocol"]["windows"] * ev_seqlen),
+        perplexity=None
+        if scored_ids is None
+        else lambda m: _perplexity(m, scored_ids, ev_seqlen, config, device)["perplexity"],
+    )
+
     structure_metrics = None
     if config.structure is not None:
         from core.pruning.structured import apply_structure
@@ -210,33 +236,58 @@ def prune_prepared(
     if config.sparsity is not None or config.nm is not None:
         with clock.stage("schedule"):
             block_sparsity = _block_sparsity(config, model, cal.tokens, device, batch, should_stop, prep.owl)
-        with clock.stage("prune"), _scratch_beside(out_dir) as spill:
-            res = engine.prune_blocks(
-                model,
-                cal.tokens,
-                method,
-                device=device,
-                block_sparsity=block_sparsity,
-                nm=config.nm,
-                exclude=config.exclude,
-                overrides=config.overrides,
-                true_sequential=config.true_sequential,
-                propagate=config.propagate,
-                batch_size=batch,
-                on_progress=on_progress,
-                should_stop=should_stop,
-                spill_dir=spill,
-            )
+        fracs = gradual.fractions(config)  # [1.0] unless gradual: a loop of one stage
+        removed: dict[str, torch.Tensor] | None = None
+        for k, frac in enumerate(fracs):
+            stage_sparsity, stage_overrides = gradual.scaled(config, block_sparsity, frac)
+            report = on_progress if len(fracs) == 1 else gradual.stage_progress(on_progress, k, len(fracs), 0, 0.5)
+            t_stage = time.perf_counter()
+            with clock.stage("prune"), _scratch_beside(out_dir) as spill:
+                res = engine.prune_blocks(
+                    model,
+                    cal.tokens,  # each stage's statistics come from the current (pruned, recovered) model
+                    method,
+                    device=device,
+                    block_sparsity=stage_sparsity,
+                    nm=config.nm,
+                    exclude=config.exclude,
+                    overrides=stage_overrides,
+                    true_sequential=config.true_sequential,
+                    propagate=config.propagate,
+                    batch_size=batch,
+                    on_progress=report,
+                    should_stop=should_stop,
+                    spill_dir=spill,
+                )
+            removed = gradual.hold(model, removed, res) if len(fracs) > 1 else None
+            if len(fracs) > 1:
+                model = rec.gradual_stage(
+                    model, res, k, frac * config.target_sparsity, t_stage, on_progress, should_stop
+                )
         layers, masks, shapes, skipped = res.layers, res.masks, res.mask_shapes, res.skipped
+        rec.masks(model, masks, shapes)
 
+    ev_pruned = "evaluate" if config.recovery is None else "evaluate_pruned"
     if ppl is not None:
         assert ev_ids is not None
-        with clock.stage("evaluate"):
-            on_progress(Progress("evaluate", "perplexity of the pruned model"))
+        with clock.stage(ev_pruned):
+            on_progress(Progress(ev_pruned, "perplexity of the pruned model"))
             ppl["pruned"] = _perplexity(model, ev_ids, ev_seqlen, config, device)["perplexity"]
     if ev_tasks is not None:
-        with clock.stage("evaluate"):
-            task_scores["pruned"] = _task_scores(ev_tasks, model, tok, "evaluate", device, on_progress, should_stop)
+        with clock.stage(ev_pruned):
+            task_scores["pruned"] = _task_scores(ev_tasks, model, tok, ev_pruned, device, on_progress, should_stop)
+    if config.recovery is not None:
+        model = rec.final(model, on_progress, should_stop)
+        if ppl is not None:
+            assert ev_ids is not None
+            with clock.stage("evaluate"):
+                on_progress(Progress("evaluate", "perplexity of the recovered model"))
+                ppl["recovered"] = _perplexity(model, ev_ids, ev_seqlen, config, device)["perplexity"]
+        if ev_tasks is not None:
+            with clock.stage("evaluate"):
+                task_scores["recovered"] = _task_scores(
+                    ev_tasks, model, tok, "evaluate", device, on_progress, should_stop
+                )
 
     pruned_numel = sum(math.prod(r.shape) for r in layers)
     zeros = sum(r.sparsity * math.prod(r.shape) for r in layers)
@@ -279,6 +330,8 @@ def prune_prepared(
         "perplexity": ppl,
         "tasks": None if ev_tasks is None else {**ev_tasks.protocol(), **task_scores},
         "structure": structure_metrics,
+        "recovery": rec.report(),
+        "gradual": rec.gradual_report(),
         "versions": _versions(),
     }
     if should_stop():

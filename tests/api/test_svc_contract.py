@@ -162,7 +162,7 @@ def _with_real_state(case, ids):  # noqa: ANN001, ANN202
         url = case.body.get("url")
         if case.operation.path == "/v1/webhook-endpoints" and isinstance(url, str) and WEBHOOK_URL.fullmatch(url):
             case.body["url"] = PUBLIC_URL
-        for block in ("calibration", "evaluation"):
+        for block in ("calibration", "evaluation", "recovery"):
             part = case.body.get(block)
             if isinstance(part, dict) and isinstance(part.get("calibration_set_id"), str):
                 if CAL_ID.match(part["calibration_set_id"]):

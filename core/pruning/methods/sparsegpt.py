@@ -86,9 +86,13 @@ class SparseGPT(Method):
         for w in ws:
             Wt[:, r0 : r0 + w.shape[0]].copy_(w.t())
             r0 += w.shape[0]
+        # gradual pruning: the weights an earlier stage removed (exactly 0 now) are the first to go again
+        held = (Wt == 0) if self.config.gradual is not None else None
         was_nonzero_dead = (Wt[dead] != 0) if dead.any() else None
         Wt[dead] = 0  # inputs never active (H_jj = 0): W_:j = 0
-        mask = sweep(Wt, U, target, self.options.blocksize, rows)
+        mask = sweep(Wt, U, target, self.options.blocksize, rows, held)
+        if held is not None:
+            mask |= held
         if was_nonzero_dead is not None:
             mask[dead] |= was_nonzero_dead
         Wt.masked_fill_(mask, 0)
@@ -100,9 +104,17 @@ class SparseGPT(Method):
         return out
 
 
-def sweep(Wt: torch.Tensor, U: torch.Tensor, target: Target, blocksize: int, segments: list[int]) -> torch.Tensor:
+def sweep(
+    Wt: torch.Tensor,
+    U: torch.Tensor,
+    target: Target,
+    blocksize: int,
+    segments: list[int],
+    held: torch.Tensor | None = None,
+) -> torch.Tensor:
     """The SparseGPT sweep over Wᵀ [in, out] in place; returns the removal mask in the same layout. `segments`
-    are the row counts (of W) of the layers stacked in Wt: each gets its own unstructured threshold."""
+    are the row counts (of W) of the layers stacked in Wt: each gets its own unstructured threshold. `held`
+    (unstructured only): entries removed already, scored lowest so that they are chosen first."""
     cols, _ = Wt.shape
     nm = target.nm
     bs = blocksize if nm is None else max(nm[1], blocksize - blocksize % nm[1])  # N:M groups never straddle
@@ -115,6 +127,8 @@ def sweep(Wt: torch.Tensor, U: torch.Tensor, target: Target, blocksize: int, seg
         drop = torch.zeros_like(W1)  # 1.0 where removed, so that err = w·drop/d is (w − q)/d exactly
         if nm is None:  # adaptive mask: the lowest w²/U_jj² over the block's rows of each layer
             score = W1.pow(2).div_(d2)
+            if held is not None:
+                score.masked_fill_(held[i1:i2], -1.0)
             r0 = 0
             for r in segments:
                 s = score[:, r0 : r0 + r]
