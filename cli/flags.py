@@ -105,6 +105,12 @@ def _parse_floats(flag: str) -> Callable[[str], list[float]]:
     return parse
 
 
+def _parse_comma_lists(items: list[str]) -> list[str]:
+    """Repeatable and comma-separated: `--patterns 2:4,4:8` or `--patterns 2:4 --patterns 4:8` (for values that
+    cannot hold a comma; an empty item is left for the field to refuse)."""
+    return [p.strip() for it in items for p in it.split(",")]
+
+
 def _parse_pairs(flag: str, metavar: str) -> Callable[[list[str]], dict[str, float]]:
     def parse(items: list[str]) -> dict[str, float]:
         res = {}
@@ -158,10 +164,22 @@ def _flag(
     elif get_origin(inner) is list and get_args(inner) == (float,):
         annotation, parse, metavar = str, _parse_floats(cli_name), "X,Y,..."
         text += " (comma-separated)"
+    elif get_origin(inner) is list and _comma_free_items(field):
+        annotation, parse, metavar = list[str], _parse_comma_lists, "A,B,..."
+        text += " (comma-separated or repeatable)"
     elif get_origin(inner) is list:
         annotation, metavar = list[str], "TEXT"
         text += " (repeatable)"
     return Flag(param, path, annotation, escape(text + applies_to) + _default_text(field), panel, parse, metavar)
+
+
+def _comma_free_items(field: FieldInfo) -> bool:
+    """The items are N:M patterns, which hold no comma: a comma can only separate them."""
+    from core.pruning.config_schema import NM
+
+    extra = field.json_schema_extra if isinstance(field.json_schema_extra, dict) else {}
+    items = extra.get("items")
+    return isinstance(items, dict) and items.get("pattern") == f"^(?:{NM})$"
 
 
 def _name(path: FieldPath) -> str:

@@ -426,15 +426,6 @@ class PruneConfig(_Strict):
             return None
         return _nm_pattern(v)
 
-    @field_validator("patterns", "export_patterns", mode="before")
-    @classmethod
-    def _split_patterns(cls, v: Any) -> Any:
-        if isinstance(v, str):
-            v = [v]
-        if isinstance(v, list) and all(isinstance(x, str) for x in v):
-            return [p.strip() for x in v for p in x.split(",") if p.strip()]
-        return v
-
     @field_validator("patterns", "export_patterns")
     @classmethod
     def _patterns(cls, v: list[str] | None) -> list[str] | None:
@@ -453,7 +444,7 @@ class PruneConfig(_Strict):
         bad = [x for x in v if not 0 <= x < 1]
         if bad:
             raise ValueError(f"every sparsity must be in [0, 1), got {bad[0]}")
-        if len({round(x, 6) for x in v}) != len(v):
+        if len(set(v)) != len(v):
             raise ValueError("every sparsity at most once")
         return v
 
@@ -532,8 +523,8 @@ class PruneConfig(_Strict):
         for name, items in (("sparsities", list(ratios)), ("patterns", list(pats))):
             if len(items) > SWEEP_MAX:
                 _field_error(name, "sweep_too_many", f"a sweep takes at most {SWEEP_MAX} targets")
-        swept = {round(x, 6) for x in ratios}
-        missing = [x for x in self.export_sparsities if round(x, 6) not in swept]
+        swept = set(ratios)
+        missing = [x for x in self.export_sparsities if x not in swept]
         if missing:
             _field_error("export_sparsities", "sweep_export", f"{missing[0]:g} is not among `sparsities`")
         missing_p = [p for p in self.export_patterns if p not in pats]
@@ -554,10 +545,10 @@ class PruneConfig(_Strict):
     def sweep_targets(self) -> list[PruneConfig]:
         """One single-target config per sweep target (ratios, then patterns), each as a single job would be
         given; its export settings apply to the targets marked for export, the others write metrics only."""
-        marked_r = {round(x, 6) for x in self.export_sparsities}
+        marked_r = set(self.export_sparsities)
         base = self.model_dump(exclude={"sparsities", "patterns", "export_sparsities", "export_patterns"})
         out = []
-        targets: list[tuple[str, Any, bool]] = [("sparsity", x, round(x, 6) in marked_r) for x in self.sparsities or []]
+        targets: list[tuple[str, Any, bool]] = [("sparsity", x, x in marked_r) for x in self.sparsities or []]
         targets += [("pattern", p, p in self.export_patterns) for p in self.patterns or []]
         for key, value, exported in targets:
             data = {**base, key: value}

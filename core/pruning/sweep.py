@@ -44,7 +44,7 @@ def target_dir(config: PruneConfig) -> str:
         n, m = config.nm
         return f"nm-{n}-{m}"
     x = float(config.sparsity or 0.0)
-    text = f"{x:.2f}" if math.isclose(round(x, 2), x, abs_tol=1e-9) else f"{x:.6g}"
+    text = f"{x:.2f}" if float(f"{x:.2f}") == x else repr(x)  # distinct ratios, distinct directories
     return f"sparsity-{text}"
 
 

@@ -135,7 +135,7 @@ def test_sweep_validation_names_the_field(given, field):
 
 
 def test_sweep_targets_are_single_configs():
-    cfg = PruneConfig(model="m", sparsities=[0.7, 0.3], patterns="2:4, 4:8", export_patterns=["4:8"])
+    cfg = PruneConfig(model="m", sparsities=[0.7, 0.3], patterns=["2:4", "4:8"], export_patterns=["4:8"])
     t = cfg.sweep_targets()
     assert [(c.sparsity, c.pattern, c.export.save_model) for c in t] == [
         (0.7, None, False),
