@@ -19,7 +19,18 @@ from typing import Any
 
 import torch
 
-from core.pruning import calibration, engine, evaluate, export, methods, models, preflight, tasks
+from core.pruning import (
+    calibration,
+    checkpoints,
+    engine,
+    evaluate,
+    export,
+    methods,
+    models,
+    preflight,
+    streaming,
+    tasks,
+)
 from core.pruning.config import PruneConfig
 from core.pruning.errors import Cancelled, EvaluationError
 from core.pruning.export import FileEntry
@@ -62,13 +73,24 @@ class _Clock:
 
 
 def prune(
-    config: PruneConfig, out_dir: Path | str, on_progress: ProgressFn = no_progress, should_stop: StopFn = never_stop
+    config: PruneConfig,
+    out_dir: Path | str,
+    on_progress: ProgressFn = no_progress,
+    should_stop: StopFn = never_stop,
+    resume: checkpoints.ResumeSpec | None = None,
 ) -> PruneResult:
+    """resume: where finished blocks are checkpointed, and restored from when an earlier run left them."""
     with reusing_freed_memory():
-        return _prune(config, Path(out_dir), on_progress, should_stop)
+        return _prune(config, Path(out_dir), on_progress, should_stop, resume)
 
 
-def _prune(config: PruneConfig, out_dir: Path, on_progress: ProgressFn, should_stop: StopFn) -> PruneResult:
+def _prune(
+    config: PruneConfig,
+    out_dir: Path,
+    on_progress: ProgressFn,
+    should_stop: StopFn,
+    resume: checkpoints.ResumeSpec | None = None,
+) -> PruneResult:
     preflight.raise_on_problems(config, out_dir)
     device = resolve_device(config.device)
     if device.type == "cuda":
@@ -133,6 +155,10 @@ def _prune(config: PruneConfig, out_dir: Path, on_progress: ProgressFn, should_s
         with clock.stage("schedule"):
             block_sparsity = _block_sparsity(config, model, cal.tokens, device, batch, should_stop)
         with clock.stage("prune"), _scratch_beside(out_dir) as spill:
+            commit = getattr(model.config, "_commit_hash", None)
+            stream, ckpt, finished = checkpoints.open_run(
+                resume, config, cal.tokens, loaded.source, commit, device, len(blocks), spill
+            )
             res = engine.prune_blocks(
                 model,
                 cal.tokens,
@@ -147,7 +173,9 @@ def _prune(config: PruneConfig, out_dir: Path, on_progress: ProgressFn, should_s
                 batch_size=batch,
                 on_progress=on_progress,
                 should_stop=should_stop,
-                spill_dir=spill,
+                stream=stream,
+                checkpoints=ckpt,
+                finished=finished,
             )
         layers, masks, shapes, skipped = res.layers, res.masks, res.mask_shapes, res.skipped
 
@@ -205,7 +233,7 @@ def _prune(config: PruneConfig, out_dir: Path, on_progress: ProgressFn, should_s
     if should_stop():
         raise Cancelled("stopped before export")
     on_progress(Progress("export", f"writing {out_dir}"))
-    with clock.stage("export"):
+    with clock.stage("export"), streaming.streamed_save():
         metrics["timings"] = clock.seconds | {"total": round(time.perf_counter() - started, 4)}
         metrics["memory"] = _memory(device)
         extra = _write_compact if config.export.compact else None
