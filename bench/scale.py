@@ -249,7 +249,7 @@ def all_figures(args: argparse.Namespace) -> dict[str, Any]:
         model = root / f"llama-{blocks}"
         if not model.exists():
             t = time.perf_counter()
-            gen(model, blocks, args.hidden)
+            gen(model, blocks, args.hidden, args.intermediate)
             print(f"generated {model} in {time.perf_counter() - t:.0f} s", flush=True)
         size = _size(model)
         for method in args.methods.split(","):
@@ -316,6 +316,7 @@ def main() -> None:
     g.add_argument("dir")
     g.add_argument("--blocks", type=int, default=24)
     g.add_argument("--hidden", type=int, default=2048)
+    g.add_argument("--intermediate", type=int, default=5632)
     for name in ("run", "_child"):
         r = sub.add_parser(name)
         r.add_argument("model")
@@ -332,6 +333,7 @@ def main() -> None:
     a.add_argument("--root", default="/tmp/secateurs-scale")
     a.add_argument("--blocks", default="12,24,48")
     a.add_argument("--hidden", type=int, default=2048)
+    a.add_argument("--intermediate", type=int, default=5632)
     a.add_argument("--methods", default="wanda,sparsegpt")
     a.add_argument("--depth-methods", default="wanda", help="methods run at every depth (others at --resume-blocks)")
     a.add_argument("--resume-blocks", type=int, default=24)
@@ -344,7 +346,7 @@ def main() -> None:
     a.add_argument("--json")
     args = ap.parse_args()
     if args.cmd == "gen":
-        print(gen(Path(args.dir), args.blocks, args.hidden))
+        print(gen(Path(args.dir), args.blocks, args.hidden, args.intermediate))
     elif args.cmd == "_child":
         _child(args)
     elif args.cmd == "run":
