@@ -19,23 +19,14 @@ from typing import Any
 
 import torch
 
-from core.pruning import (
-    calibration,
-    checkpoints,
-    engine,
-    evaluate,
-    export,
-    methods,
-    models,
-    preflight,
-    streaming,
-    tasks,
-)
+from core.pruning import calibration, engine, evaluate, export, methods, models, preflight, tasks
+from core.pruning.checkpoints import ResumeSpec, open_run
 from core.pruning.config import PruneConfig
 from core.pruning.errors import Cancelled, EvaluationError
 from core.pruning.export import FileEntry
 from core.pruning.memory import reusing_freed_memory
 from core.pruning.progress import Progress, ProgressFn, StopFn, never_stop, no_progress
+from core.pruning.streaming import streamed_save
 
 log = logging.getLogger(__name__)
 TOKENS_PER_BATCH = (
@@ -77,7 +68,7 @@ def prune(
     out_dir: Path | str,
     on_progress: ProgressFn = no_progress,
     should_stop: StopFn = never_stop,
-    resume: checkpoints.ResumeSpec | None = None,
+    resume: ResumeSpec | None = None,
 ) -> PruneResult:
     """resume: where finished blocks are checkpointed, and restored from when an earlier run left them."""
     with reusing_freed_memory():
@@ -89,7 +80,7 @@ def _prune(
     out_dir: Path,
     on_progress: ProgressFn,
     should_stop: StopFn,
-    resume: checkpoints.ResumeSpec | None = None,
+    resume: ResumeSpec | None = None,
 ) -> PruneResult:
     preflight.raise_on_problems(config, out_dir)
     device = resolve_device(config.device)
@@ -156,7 +147,7 @@ def _prune(
             block_sparsity = _block_sparsity(config, model, cal.tokens, device, batch, should_stop)
         with clock.stage("prune"), _scratch_beside(out_dir) as spill:
             commit = getattr(model.config, "_commit_hash", None)
-            stream, ckpt, finished = checkpoints.open_run(
+            stream, ckpt, finished = open_run(
                 resume, config, cal.tokens, loaded.source, commit, device, len(blocks), spill
             )
             res = engine.prune_blocks(
@@ -233,7 +224,7 @@ def _prune(
     if should_stop():
         raise Cancelled("stopped before export")
     on_progress(Progress("export", f"writing {out_dir}"))
-    with clock.stage("export"), streaming.streamed_save():
+    with clock.stage("export"), streamed_save():
         metrics["timings"] = clock.seconds | {"total": round(time.perf_counter() - started, 4)}
         metrics["memory"] = _memory(device)
         extra = _write_compact if config.export.compact else None
