@@ -276,14 +276,33 @@ def run_job(settings: Settings, tenant_id: str, job_id: str, worker_id: str) -> 
     def should_stop() -> bool:
         return ctl.stop
 
+    resume_prefix = keys.resume_prefix(tenant_id, job_id)
+
+    def drop_resume(status: str | None) -> None:
+        """Once the job has ended, whatever the outcome, its resume checkpoint goes (a lost attempt's stays
+        for the next one; the sweeper removes what an ended job left)."""
+        if status in ("succeeded", "failed", "cancelled"):
+            try:
+                storage.delete_prefix(resume_prefix)
+            except Exception:
+                log.exception("cleanup of %s failed", resume_prefix)
+
     try:
         try:
             config = prepare_config(settings, storage, tenant_id, raw, work)
             run_fraction = RunFraction(planned_stages(config))
             note(f"attempt {attempt} started on {worker_id}")
+            from core.pruning.checkpoints import ResumeSpec
             from core.pruning.run import prune
 
-            result = prune(config, work / "out", on_progress=on_progress, should_stop=should_stop)
+            resume = ResumeSpec(
+                work / "resume",
+                storage=storage,
+                prefix=resume_prefix,
+                identity={k: v for k, v in raw.items() if k not in ("export", "evaluation", "device")},
+                note=note,
+            )
+            result = prune(config, work / "out", on_progress=on_progress, should_stop=should_stop, resume=resume)
             if ctl.lost:
                 raise JobLost()
             if ctl.cancel:
@@ -320,6 +339,7 @@ def run_job(settings: Settings, tenant_id: str, job_id: str, worker_id: str) -> 
             )
             if status != "succeeded":
                 storage.delete_prefix(prefix)
+            drop_resume(status)
             log.info("job %s: attempt %d -> %s", job_id, attempt, status)
             return status or "lost"
         except JobLost:
@@ -329,6 +349,7 @@ def run_job(settings: Settings, tenant_id: str, job_id: str, worker_id: str) -> 
         except Cancelled:
             storage.delete_prefix(prefix)
             status = finish(outcome="cancelled")
+            drop_resume(status)
             return status or "lost"
         except BaseException as e:
             code, message = _error_of(e)
@@ -341,6 +362,7 @@ def run_job(settings: Settings, tenant_id: str, job_id: str, worker_id: str) -> 
             except Exception:
                 log.exception("cleanup of %s failed", prefix)
             status = finish(outcome="failed", error=(code, message))
+            drop_resume(status)
             if not isinstance(e, Exception):
                 raise
             return status or "lost"

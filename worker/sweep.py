@@ -10,7 +10,9 @@ Each pass
 - publishes webhook deliveries that are due: first attempts whose publication was lost, retries whose
   backoff is over, attempts whose worker died mid-send (``core.webhooks.delivery.publish_due``; each is
   leased while published, so two sweeps never publish it twice);
-- removes this machine's scratch directories of attempts that are no longer running.
+- removes this machine's scratch directories of attempts that are no longer running;
+- removes resume checkpoints (``resume/<tenant>/<job>/`` in artifact storage) of jobs that have ended, or no
+  longer exist, without removing them (their worker died between the job's end and its cleanup).
 """
 
 from __future__ import annotations
@@ -29,7 +31,7 @@ from core.db.repositories import SystemRepository
 from core.jobs import execution
 from core.jobs.celery_queue import CeleryQueue
 from core.jobs.queue import JobQueue, enqueue_after_commit
-from core.jobs.state import ACTIVE, JobStatus
+from core.jobs.state import ACTIVE, TERMINAL, JobStatus
 from core.settings import Settings
 from core.storage import keys, make_storage
 from core.webhooks import delivery
@@ -75,6 +77,7 @@ class Sweeper:
             "republished": 0,
             "webhooks_published": 0,
             "scratch_removed": 0,
+            "resume_removed": 0,
         }
         if time.monotonic() >= self._judge_leases_after:
             self._hand_on_lost(counts)
@@ -83,6 +86,7 @@ class Sweeper:
         if self.webhooks is not None:
             counts["webhooks_published"] = delivery.publish_due(self.s, self.webhooks)
         counts["scratch_removed"] = self._remove_dead_scratch()
+        counts["resume_removed"] = self._remove_dead_resume()
         return counts
 
     def _hand_on_lost(self, counts: dict[str, int]) -> None:
@@ -131,6 +135,28 @@ class Sweeper:
                 enqueue_after_commit(s, self.queue, tenant_id, job_id)  # enqueued_at = now: once per period
             counts["republished"] += 1
             log.warning("job %s: not claimed and its message is gone; published again", job_id)
+
+    def _remove_dead_resume(self) -> int:
+        """Checkpoints of jobs that ended (or are gone); those of queued and running jobs stay."""
+        storage = make_storage(self.s)
+        try:
+            found = storage.list(keys.RESUME_ROOT)
+        except Exception as e:
+            log.warning("sweep cannot list resume checkpoints (%s: %s)", e.__class__.__name__, e)
+            return 0
+        jobs = {tuple(k.split("/")[1:3]) for k in found if k.count("/") >= 3}
+        if not jobs:
+            return 0
+        with session_scope(self.s.db_url) as s:
+            current = SystemRepository(s).attempts_of(sorted({j for _, j in jobs}))
+        removed = 0
+        for tenant_id, job_id in sorted(jobs):
+            status, _ = current.get(job_id, (None, None))
+            if status is None or JobStatus(status) in TERMINAL:
+                storage.delete_prefix(keys.resume_prefix(tenant_id, job_id))
+                removed += 1
+                log.info("job %s: resume checkpoint of an ended job removed", job_id)
+        return removed
 
     def _remove_dead_scratch(self) -> int:
         """Scratch is ``<work>/<job id>/attempt-<n>``; only the job's current attempt, while it runs, may

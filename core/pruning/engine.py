@@ -12,12 +12,15 @@ import torch
 from torch import nn
 
 from core.pruning import models, patterns
+from core.pruning.checkpoints import Checkpoints, Finished
+from core.pruning.errors import Cancelled
 from core.pruning.masks import pack_mask
 from core.pruning.memory import release_freed_memory, spill_to_file
 from core.pruning.methods import Method, Pruned, Stats, Target
 from core.pruning.progress import Progress, ProgressFn, StopFn, never_stop, no_progress
 from core.pruning.shared_inputs import SharedInputs
-from core.pruning.walk import BlockInputs, hooked, walk_blocks
+from core.pruning.streaming import BlockStream
+from core.pruning.walk import BlockInputs, hooked, on_device, walk_blocks
 
 log = logging.getLogger(__name__)
 
@@ -173,20 +176,66 @@ def prune_blocks(
     on_progress: ProgressFn = no_progress,
     should_stop: StopFn = never_stop,
     spill_dir: Path | None = None,
+    stream: BlockStream | None = None,
+    checkpoints: Checkpoints | None = None,
+    finished: Finished | None = None,
 ) -> EngineResult:
     """With spill_dir, each block's packed masks are written there once the block is done and kept mapped
-    from those files rather than in memory (the caller removes the directory after use)."""
+    from those files rather than in memory (the caller removes the directory after use).
+
+    With stream, each finished block's weights and masks are written to a shard of their own and mapped back
+    from it (core/pruning/streaming.py), so finished blocks leave memory; with checkpoints as well, each such
+    shard is also checkpointed for a later attempt (checkpoints.dir must be the stream's directory).
+    finished: blocks 0..k-1 an earlier attempt checkpointed; they are restored from their shards instead of
+    pruned, and the inputs of block k are the checkpointed outputs of block k-1 or, when there are none, are
+    rebuilt by running the restored blocks forward."""
     prefix, blocks = models.find_blocks(model)
     if len(block_sparsity) != len(blocks):
         raise ValueError(f"{len(block_sparsity)} block sparsities given for {len(blocks)} blocks")
+    if (checkpoints is not None or finished is not None) and stream is None:
+        raise ValueError("checkpoints and finished blocks need a stream")
+    if finished is not None and len(finished) > len(blocks):
+        raise ValueError(f"{len(finished)} finished blocks for a model of {len(blocks)}")
     reports: list[LayerReport] = []
     masks: dict[str, torch.Tensor] = {}
     shapes: dict[str, list[int]] = {}
     skipped: list[str] = []
     block_masks: dict[int, dict[str, torch.Tensor]] = {}  # a pruned block's packed masks, until it is finished
+    walking: list[BlockInputs] = []  # the walk's inputs, for the checkpoint of a finished block's outputs
+
+    def restore(i: int, block: nn.Module, inputs: BlockInputs) -> bool:
+        """Block i, when an earlier attempt finished it: its pruned weights and masks from its shard, and the
+        next block's inputs (checkpointed, or the restored block run forward)."""
+        if finished is None or i >= len(finished):
+            return False
+        if should_stop():
+            raise Cancelled(f"stopped before block {i}")
+        shard, rec, k = finished.shards[i], finished.records[i], len(finished)
+        rebuild = finished.inputs is None and k < len(blocks)
+        with torch.no_grad():
+            if rebuild and propagate == "dense":  # the next block reads the dense block's outputs
+                with on_device(block, device):
+                    inputs.advance(block)
+            restored = BlockStream.restore(shard, block)
+            if rebuild and propagate != "dense":
+                with on_device(block, device):
+                    inputs.advance(block)
+                restored = BlockStream.restore(shard, block)  # off the device: mapped from the shard again
+        if i == k - 1 and finished.inputs is not None and k < len(blocks):
+            inputs.hidden = [h.to(device) for h in finished.inputs]
+        masks.update(restored)
+        shapes.update(rec["mask_shapes"])
+        reports.extend(LayerReport(**{**r, "shape": tuple(r["shape"])}) for r in rec["layers"])
+        skipped.extend(rec["skipped"])
+        release_freed_memory()
+        on_progress(
+            Progress("prune", f"block {i + 1}/{len(blocks)} (restored)", block=i, total_blocks=len(blocks), data={})
+        )
+        return True
 
     def prune_block(i: int, block: nn.Module, inputs: BlockInputs) -> list[torch.Tensor] | None:
         """Prune the block in place; returns its dense outputs when those are what the next block reads."""
+        walking[:] = [inputs]
         targets = _targets(block, f"{prefix}.{i}", block_sparsity[i], nm, exclude, overrides)
         layers = {n: m for n, m in block.named_modules() if n in targets}
         masks_of_block: dict[str, torch.Tensor] = {}
@@ -227,15 +276,40 @@ def prune_blocks(
     def finish_block(i: int) -> None:
         """Once the next block's inputs are made: the block's masks out of memory, then its progress."""
         done_masks = block_masks.pop(i)
-        masks.update(spill_to_file(done_masks, spill_dir / f"masks-{i:05d}.safetensors") if spill_dir else done_masks)
+        mine = [r for r in reports if r.name.startswith(f"{prefix}.{i}.")]
+        if stream is not None:
+            shard, sha, mapped = stream.finish(i, blocks[i], done_masks)
+            masks.update(mapped)
+            if checkpoints is not None:
+                checkpoints.save(
+                    i,
+                    len(blocks),
+                    shard,
+                    sha,
+                    layers=[{**r.__dict__, "shape": list(r.shape)} for r in mine],
+                    skipped=[n for n in skipped if n.startswith(f"{prefix}.{i}.")],
+                    shapes={n: shapes[n] for n in mapped},
+                    next_inputs=walking[0].hidden if walking else None,
+                )
+        else:
+            masks.update(
+                spill_to_file(done_masks, spill_dir / f"masks-{i:05d}.safetensors") if spill_dir else done_masks
+            )
         del done_masks
         release_freed_memory()
-        done = {r.name: r.sparsity for r in reports if r.name.startswith(f"{prefix}.{i}.")}
+        done = {r.name: r.sparsity for r in mine}
         on_progress(
             Progress("prune", f"block {i + 1}/{len(blocks)}", block=i, total_blocks=len(blocks), data={"layers": done})
         )
 
     walk_blocks(
-        model, tokens, prune_block, device=device, batch_size=batch_size, should_stop=should_stop, after=finish_block
+        model,
+        tokens,
+        prune_block,
+        device=device,
+        batch_size=batch_size,
+        should_stop=should_stop,
+        after=finish_block,
+        restore=restore if finished is not None else None,
     )
     return EngineResult(reports, masks, shapes, skipped)

@@ -31,11 +31,13 @@ from core.pruning import (
     recovery,
     tasks,
 )
+from core.pruning.checkpoints import ResumeSpec, open_run
 from core.pruning.config import PruneConfig
 from core.pruning.errors import Cancelled, EvaluationError
 from core.pruning.export import FileEntry
 from core.pruning.memory import reusing_freed_memory
 from core.pruning.progress import Progress, ProgressFn, StopFn, never_stop, no_progress
+from core.pruning.streaming import streamed_save
 
 log = logging.getLogger(__name__)
 TOKENS_PER_BATCH = (
@@ -73,15 +75,21 @@ class _Clock:
 
 
 def prune(
-    config: PruneConfig, out_dir: Path | str, on_progress: ProgressFn = no_progress, should_stop: StopFn = never_stop
+    config: PruneConfig,
+    out_dir: Path | str,
+    on_progress: ProgressFn = no_progress,
+    should_stop: StopFn = never_stop,
+    resume: ResumeSpec | None = None,
 ) -> PruneResult:
+    """resume: where finished blocks are checkpointed, and restored from when an earlier run left them (a run
+    of one pruning pass: not a sweep, not gradual)."""
     if config.is_sweep:
         from core.pruning.sweep import sweep
 
         return sweep(config, out_dir, on_progress, should_stop)
     with reusing_freed_memory():
         prep = prepare(config, Path(out_dir), on_progress, should_stop)
-        return prune_prepared(prep, config, Path(out_dir), on_progress, should_stop)
+        return prune_prepared(prep, config, Path(out_dir), on_progress, should_stop, resume)
 
 
 @dataclass
@@ -185,7 +193,12 @@ def prepare(config: PruneConfig, out_dir: Path, on_progress: ProgressFn, should_
 
 
 def prune_prepared(
-    prep: Prepared, config: PruneConfig, out_dir: Path, on_progress: ProgressFn, should_stop: StopFn
+    prep: Prepared,
+    config: PruneConfig,
+    out_dir: Path,
+    on_progress: ProgressFn,
+    should_stop: StopFn,
+    resume: ResumeSpec | None = None,
 ) -> PruneResult:
     """Prune the prepared (dense) model to `config`'s one target, evaluate it and write `out_dir`. The model is
     left pruned: a caller pruning another target restores the dense weights first."""
@@ -243,6 +256,11 @@ def prune_prepared(
             report = on_progress if len(fracs) == 1 else gradual.stage_progress(on_progress, k, len(fracs), 0, 0.5)
             t_stage = time.perf_counter()
             with clock.stage("prune"), _scratch_beside(out_dir) as spill:
+                commit = getattr(model.config, "_commit_hash", None)
+                stage_resume = resume if len(fracs) == 1 else None  # gradual stages are not checkpointed
+                stream, ckpt, finished = open_run(
+                    stage_resume, config, cal.tokens, loaded.source, commit, device, len(blocks), spill
+                )
                 res = engine.prune_blocks(
                     model,
                     cal.tokens,  # each stage's statistics come from the current (pruned, recovered) model
@@ -257,7 +275,9 @@ def prune_prepared(
                     batch_size=batch,
                     on_progress=report,
                     should_stop=should_stop,
-                    spill_dir=spill,
+                    stream=stream,
+                    checkpoints=ckpt,
+                    finished=finished,
                 )
             removed = gradual.hold(model, removed, res) if len(fracs) > 1 else None
             if len(fracs) > 1:
@@ -337,7 +357,7 @@ def prune_prepared(
     if should_stop():
         raise Cancelled("stopped before export")
     on_progress(Progress("export", f"writing {out_dir}"))
-    with clock.stage("export"):
+    with clock.stage("export"), streamed_save():
         metrics["timings"] = clock.seconds | {"total": round(time.perf_counter() - started, 4)}
         metrics["memory"] = _memory(device)
         extra = _write_compact if config.export.compact else None

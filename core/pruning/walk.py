@@ -220,15 +220,19 @@ def walk_blocks(
     batch_size: int,
     should_stop: StopFn = never_stop,
     after: Callable[[int], None] | None = None,
+    restore: Callable[[int, nn.Module, BlockInputs], bool] | None = None,
 ) -> None:
     """Capture the first block's inputs from calibration windows `tokens` [n, seqlen] (batches of batch_size),
     then for each block: stop if asked (Cancelled), move the block to the device, call visit(i, block, inputs)
     and make the next block's inputs, which are the outputs the visit returns or, when it returns None, those
     of the block as the visit left it (pruned), run again. after(i), if given, runs once block i is done and
-    back off the device."""
+    back off the device. restore(i, block, inputs), if given, is asked first: when it returns True block i was
+    done by an earlier attempt and restore has made the next block's inputs itself (no visit, no after)."""
     _, blocks = models.find_blocks(model)
     inputs = capture(model, blocks, tokens, device, batch_size)
     for i, block in enumerate(blocks):
+        if restore is not None and restore(i, block, inputs):
+            continue
         if should_stop():
             raise Cancelled(f"stopped before block {i}")
         with torch.no_grad(), on_device(block, device):

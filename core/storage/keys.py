@@ -14,3 +14,11 @@ def attempt_prefix(tenant_id: str, job_id: str, attempt: int) -> str:
 
 def artifact(tenant_id: str, job_id: str, attempt: int, name: str) -> str:
     return attempt_prefix(tenant_id, job_id, attempt) + name
+
+
+RESUME_ROOT = "resume/"
+
+
+def resume_prefix(tenant_id: str, job_id: str) -> str:
+    """A job's resume checkpoint (finished blocks), shared by its attempts; removed when the job ends."""
+    return f"{RESUME_ROOT}{tenant_id}/{job_id}/"
