@@ -305,6 +305,39 @@ def _job(job_id: str, status: str, **kw: Any) -> dict[str, Any]:
     }
 
 
+RECOVERED = {  # the shapes of a real job's summary (core/pruning/run.py, recovery.py, tasks.py)
+    "achieved_sparsity": 0.5,
+    "perplexity": {"dense": 6.73, "pruned": 52.7, "recovered": 7.36, "protocol": {"windows": 64, "seqlen": 256}},
+    "recovery": {
+        "config": {"mode": "full", "distill": False, "lr": 0.0003, "steps": 100},
+        "steps": 100,
+        "tokens_seen": 204800,
+        "mask_violations": 0,
+        "seconds": 91.2,
+        "loss_curve": [
+            {"step": 1, "loss": 3.9, "lr": 3e-05, "tokens": 2048},
+            {"step": 25, "loss": 2.4, "lr": 0.0003, "tokens": 51200},
+            {"step": 50, "loss": 2.1, "lr": 0.0002, "tokens": 102400},
+            {"step": 100, "loss": 1.95, "lr": 0.0, "tokens": 204800},
+        ],
+    },
+    "tasks": {
+        "lm_eval_version": "0.4.9",
+        "num_fewshot": 0,
+        "limit": 100,
+        "dense": {
+            "tinystories_continuation": {"acc": 0.71, "acc_stderr": 0.0456, "acc_norm": 0.7, "acc_norm_stderr": 0.046}
+        },
+        "pruned": {
+            "tinystories_continuation": {"acc": 0.52, "acc_stderr": 0.05, "acc_norm": 0.5, "acc_norm_stderr": 0.05}
+        },
+        "recovered": {
+            "tinystories_continuation": {"acc": 0.62, "acc_stderr": 0.0488, "acc_norm": 0.6, "acc_norm_stderr": 0.049}
+        },
+    },
+}
+
+
 def test_sweep_curve_and_failure_pages(browser: Any, sqlite_database: str, tmp_path: Path) -> None:
     """The dashboard's own files and headers come from the app in process; the API's answers are canned."""
     from fastapi.testclient import TestClient
@@ -322,6 +355,8 @@ def test_sweep_curve_and_failure_pages(browser: Any, sqlite_database: str, tmp_p
             "job_sweep", "succeeded", metrics={"achieved_sparsity": 0.5, "sweep": SWEEP}
         ),
         "/v1/pruning-jobs/job_sweep/artifacts": {"object": "list", "data": []},
+        "/v1/pruning-jobs/job_recovered": _job("job_recovered", "succeeded", metrics=RECOVERED),
+        "/v1/pruning-jobs/job_recovered/artifacts": {"object": "list", "data": []},
         "/v1/pruning-jobs/job_failed": _job(
             "job_failed", "failed", error={"code": "out_of_memory", "message": "CUDA out of memory <script>"}
         ),
@@ -360,6 +395,18 @@ def test_sweep_curve_and_failure_pages(browser: Any, sqlite_database: str, tmp_p
             expect(page.locator("#block-sparsity")).to_have_count(0)  # a sweep: a schedule per target, in its card
             assert page.locator("text=org/<b>model</b>").count() == 1 and page.locator("b").count() == 0
             page.screenshot(path=str(tmp_path / "sweep.png"), full_page=True)
+
+            # recovery: the perplexity after it, its loss curve (a point per recorded step), the task table
+            page.goto(f"{origin}/dashboard/#/jobs/job_recovered")
+            expect(page.locator("#ppl-recovered")).to_have_text("7.360")
+            expect(page.locator("#perplexity rect[data-ppl]")).to_have_count(3)
+            expect(page.locator("#loss-chart circle.point")).to_have_count(4)
+            assert len(page.locator("#loss-chart polyline.curve").get_attribute("points").split()) == 4
+            expect(page.locator("#recovery-steps")).to_have_text("100")
+            expect(page.locator("#task-table thead th")).to_have_count(5)  # task, metric, dense, pruned, recovered
+            expect(page.locator("#task-table tbody tr")).to_have_count(2)  # acc and acc_norm; stderr beside them
+            expect(page.locator("#task-table tr[data-metric='acc']")).to_contain_text("0.6200 ± 0.049")
+            page.screenshot(path=str(tmp_path / "recovered.png"), full_page=True)
 
             page.goto(f"{origin}/dashboard/#/jobs/job_failed")
             expect(page.locator("#job-error")).to_contain_text("out_of_memory")

@@ -414,8 +414,8 @@ function jobsView() {
 // --- one job ----------------------------------------------------------------------------------------------
 
 // Metric sections of the job page, each `metrics -> element | null`, drawn in this order from the job's metrics
-// summary. Renderers for the recovery loss curve and the task table belong here once those metrics exist.
-const METRIC_SECTIONS = [sparsitySection, perplexitySection, sweepSection];
+// summary.
+const METRIC_SECTIONS = [sparsitySection, perplexitySection, recoverySection, tasksSection, sweepSection];
 
 function jobView(id) {
   const ctl = new AbortController();
@@ -680,22 +680,88 @@ function perplexitySection(m) {
   const facts = h("dl", { class: "facts" },
     h("dt", { text: "Dense" }), h("dd", { id: "ppl-dense", text: num(p.dense) }),
     h("dt", { text: "Pruned" }), h("dd", { id: "ppl-pruned", text: num(p.pruned) }));
-  if (p.dense && p.pruned) facts.append(h("dt", { text: "Ratio" }), h("dd", { text: `× ${(p.pruned / p.dense).toFixed(2)}` }));
+  if (typeof p.recovered === "number") facts.append(h("dt", { text: "Recovered" }), h("dd", { id: "ppl-recovered", text: num(p.recovered) }));
+  const last = typeof p.recovered === "number" ? p.recovered : p.pruned;
+  if (p.dense && last) facts.append(h("dt", { text: "Ratio" }), h("dd", { text: `× ${(last / p.dense).toFixed(2)}` }));
   if (proto.windows) {
     const source = proto.source ? String(proto.source) : "";
     const short = source.split("/").pop(); // an uploaded set's path on the worker: its file name says enough
     facts.append(h("dt", { text: "Protocol" }), h("dd", { title: source || null, text: `${proto.windows} windows × ${proto.seqlen} tokens${short ? ` of ${short}` : ""}` }));
   }
-  const vals = [["dense", p.dense], ["pruned", p.pruned]].filter(([, v]) => typeof v === "number");
+  const vals = [["dense", p.dense], ["pruned", p.pruned], ["recovered", p.recovered]].filter(([, v]) => typeof v === "number");
   if (!vals.length) return h("section", { class: "card", id: "perplexity" }, h("h3", { text: "Perplexity" }), facts);
   const top = Math.max(...vals.map(([, v]) => v)) * 1.15 || 1;
   const bh = 26;
   const svg = s("svg", { class: "chart compact", viewBox: `0 0 ${W} ${vals.length * (bh + 12) + 8}`, role: "img", "aria-label": `Perplexity: ${vals.map(([k, v]) => `${k} ${num(v)}`).join(", ")}` },
     vals.map(([k, v], i) => s("g", {},
-      s("text", { x: 62, y: 8 + i * (bh + 12) + bh / 2 + 5, "text-anchor": "end", class: "label", text: k }),
-      s("rect", { class: k === "dense" ? "bar dense" : "bar", x: 68, y: 8 + i * (bh + 12), height: bh, width: Math.max(1, (W - 140) * (v / top)), data: { ppl: k } }),
-      s("text", { x: 74 + Math.max(1, (W - 140) * (v / top)), y: 8 + i * (bh + 12) + bh / 2 + 5, class: "label", text: num(v) }))));
+      s("text", { x: 76, y: 8 + i * (bh + 12) + bh / 2 + 5, "text-anchor": "end", class: "label", text: k }),
+      s("rect", { class: k === "dense" ? "bar dense" : "bar", x: 82, y: 8 + i * (bh + 12), height: bh, width: Math.max(1, (W - 160) * (v / top)), data: { ppl: k } }),
+      s("text", { x: 88 + Math.max(1, (W - 160) * (v / top)), y: 8 + i * (bh + 12) + bh / 2 + 5, class: "label", text: num(v) }))));
   return h("section", { class: "card", id: "perplexity" }, h("h3", { text: "Perplexity (lower is better)" }), facts, h("figure", { class: "chart" }, svg));
+}
+
+function recoverySection(m) {
+  const r = m.recovery;
+  if (!r || !r.config) return null;
+  const cfg = r.config;
+  const facts = h("dl", { class: "facts" },
+    h("dt", { text: "Mode" }), h("dd", { text: `${cfg.mode}${cfg.distill ? " + distill" : ""}` }),
+    h("dt", { text: "Steps" }), h("dd", { id: "recovery-steps", text: String(r.steps ?? "—") }),
+    h("dt", { text: "Learning rate" }), h("dd", { text: String(cfg.lr ?? "—") }),
+    h("dt", { text: "Tokens seen" }), h("dd", { text: r.tokens_seen ? Number(r.tokens_seen).toLocaleString("en") : "—" }),
+    h("dt", { text: "Masks held" }), h("dd", { text: r.mask_violations ? `${r.mask_violations} violations` : "exactly" }),
+    h("dt", { text: "Time" }), h("dd", { text: r.seconds ? duration(r.seconds) : "—" }));
+  const curve = (r.loss_curve || []).filter((p) => typeof p.step === "number" && typeof p.loss === "number");
+  const parts = [h("h3", { text: "Recovery fine-tuning" }), facts];
+  if (curve.length > 1) parts.push(lossChart(curve));
+  return h("section", { class: "card", id: "recovery" }, ...parts);
+}
+
+function lossChart(curve) {
+  const iw = W - PAD.left - PAD.right;
+  const ih = H - PAD.top - PAD.bottom;
+  const steps = curve.map((p) => p.step);
+  const losses = curve.map((p) => p.loss);
+  const [x0, x1] = [Math.min(...steps), Math.max(...steps)];
+  const [lo, hi] = [Math.min(...losses), Math.max(...losses)];
+  const xPos = (v) => PAD.left + iw * (x1 === x0 ? 0 : (v - x0) / (x1 - x0));
+  const yPos = (v) => PAD.top + ih * (1 - (hi === lo ? 0.5 : (v - lo) / (hi - lo)) * 0.92);
+  const grid = s("g", { class: "grid" });
+  for (const v of [x0, x1]) grid.append(s("text", { x: xPos(v), y: H - PAD.bottom + 17, "text-anchor": v === x1 ? "end" : "start", text: String(v) }));
+  for (const v of [lo, hi]) grid.append(s("text", { x: PAD.left - 6, y: yPos(v) + 4, "text-anchor": "end", text: num(v, 3) }));
+  const line = s("polyline", { class: "curve", points: curve.map((p) => `${xPos(p.step)},${yPos(p.loss)}`).join(" ") });
+  const dots = curve.map((p) => s("circle", { class: "point", cx: xPos(p.step), cy: yPos(p.loss), r: 2.5, data: { step: p.step } },
+    s("title", { text: `step ${p.step}: loss ${num(p.loss)}` })));
+  const svg = s("svg", { class: "chart", viewBox: `0 0 ${W} ${H}`, role: "img", id: "loss-chart",
+    "aria-label": `Training loss over ${curve.length} points, from ${num(losses[0], 3)} to ${num(losses[losses.length - 1], 3)}` },
+  grid, line, ...dots, s("text", { x: PAD.left + iw / 2, y: H - 4, "text-anchor": "middle", class: "label", text: "step" }));
+  return h("figure", { class: "chart" }, svg, h("figcaption", { text: "Training loss (running mean between points)." }));
+}
+
+function tasksSection(m) {
+  const t = m.tasks;
+  if (!t) return null;
+  const stages = ["dense", "pruned", "recovered"].filter((k) => t[k] && typeof t[k] === "object");
+  if (!stages.length) return null;
+  const rows = [];
+  const names = [...new Set(stages.flatMap((k) => Object.keys(t[k])))].sort();
+  for (const name of names) {
+    const metrics = [...new Set(stages.flatMap((k) => Object.keys(t[k][name] || {})))].filter((k) => !k.endsWith("_stderr")).sort();
+    for (const metric of metrics) {
+      rows.push(h("tr", { data: { task: name, metric } },
+        h("td", { class: "mono", text: name }), h("td", { text: metric }),
+        ...stages.map((k) => {
+          const v = t[k][name]?.[metric];
+          const se = t[k][name]?.[`${metric}_stderr`];
+          return h("td", { class: "num", text: typeof v === "number" ? `${num(v)}${typeof se === "number" ? ` ± ${num(se, 2)}` : ""}` : "—" });
+        })));
+    }
+  }
+  const table = h("table", { id: "task-table" },
+    h("thead", {}, h("tr", {}, ["Task", "Metric", ...stages].map((x, i) => h("th", { scope: "col", class: i > 1 ? "num" : null, text: x })))),
+    h("tbody", {}, rows));
+  const note = t.lm_eval_version ? h("p", { class: "muted", text: `lm-eval ${t.lm_eval_version}${t.num_fewshot ? `, ${t.num_fewshot}-shot` : ""}${t.limit ? `, limit ${t.limit}` : ""}` }) : null;
+  return h("section", { class: "card wide", id: "tasks" }, h("h3", { text: "Tasks (lm-evaluation-harness)" }), table, note);
 }
 
 function sweepSection(m) {
