@@ -15,6 +15,19 @@ step, the recovery's wall time and the peak RSS of each. The dense model fine-tu
 data, steps, lr, batch) is the ceiling: small models keep learning on in-domain text, so a gap closed above 1 is
 possible, and sparse-FT / dense-FT perplexity says how far the sparse model really is behind.
 Table 2: gradual (3 cubic stages to 70%, Wanda) against one-shot 70% followed by the same total recovery steps.
+
+    python bench/recovery.py --part scale [--scale-steps 3]     # the ~110M random-init Llama: time and memory
+    python bench/recovery.py --part tasks [--task-limit 200]    # the shipped lm-eval task, dense/pruned/recovered
+
+`--part scale`: the random-init ~110M Llama of prune_bench.py (hidden 768, 12 blocks, vocabulary 32,000), fp32,
+Wanda 50 %, calibration 16×256; no recovery, then full, lora and full+distill for `--scale-steps` steps of
+`--batch`×`--seqlen` tokens each, every one in its own process: seconds per step and peak RSS (time and memory
+only: a random model has no perplexity worth recovering).
+`--part tasks`: stories260k, SparseGPT 2:4 + full recovery (`--steps`), with the shipped local task
+(`tinystories_continuation`, `--task-limit` samples) scored by secateurs on the in-memory model before pruning,
+after it and after recovery; the dense and the recovered scores are then computed again by calling
+`lm_eval.simple_evaluate` directly on the model directories (the source, and the run's exported output) and
+the largest difference is printed.
 """
 
 from __future__ import annotations
@@ -112,6 +125,82 @@ def run_one(cfg: dict[str, Any], threads: int) -> dict[str, Any]:
     }
 
 
+SCALE_VARIANTS: dict[str, tuple[str | None, bool]] = {  # name -> (recovery mode, distill)
+    "llama100m/prune-only": (None, False),
+    "llama100m/full": ("full", False),
+    "llama100m/lora": ("lora", False),
+    "llama100m/full+distill": ("full", True),
+}
+TASK = "tinystories_continuation"
+
+
+def scale_config(name: str, model_dir: Path, a: argparse.Namespace) -> dict[str, Any]:
+    mode, distill = SCALE_VARIANTS[name]
+    cfg: dict[str, Any] = {
+        "model": str(model_dir),
+        "method": "wanda",
+        "sparsity": 0.5,
+        "dtype": "float32",
+        "device": "cpu",
+        "calibration": {"source": str(TEXT), "nsamples": 16, "seqlen": 256, "seed": 0},
+        "export": {"save_model": False, "masks": False},
+    }
+    if mode is not None:
+        cfg["recovery"] = {
+            "source": str(TEXT),
+            "steps": a.scale_steps,
+            "lr": LR[mode],
+            "mode": mode,
+            "batch_size": a.batch,
+            "seqlen": a.seqlen,
+            "seed": 0,
+            "distill": distill,
+        }
+    return cfg
+
+
+def tasks_config(a: argparse.Namespace, out: Path) -> dict[str, Any]:
+    cfg = config("sparsegpt-2:4/full", a)
+    cfg["evaluation"] = {**cfg["evaluation"], "tasks": [TASK], "limit": a.task_limit, "batch_size": 16}
+    cfg["export"] = {"save_model": True, "masks": False}
+    cfg["out"] = str(out)
+    return cfg
+
+
+def run_tasks(cfg: dict[str, Any], threads: int) -> dict[str, Any]:
+    """secateurs' scores on the in-memory model, then lm_eval.simple_evaluate on the directories."""
+    import lm_eval
+    import torch
+    from lm_eval.tasks import TaskManager
+
+    from core.pruning import tasks
+    from core.pruning.config import PruneConfig
+    from core.pruning.run import prune
+
+    torch.set_num_threads(threads)
+    out = Path(cfg.pop("out"))
+    t = time.perf_counter()
+    m = prune(PruneConfig.model_validate(cfg), out).metrics
+    wall = time.perf_counter() - t
+    ours = m["tasks"]
+    direct = {}
+    for stage, model_dir in (("dense", MODEL), ("recovered", out)):
+        res = lm_eval.simple_evaluate(
+            model="hf",
+            model_args={"pretrained": str(model_dir), "dtype": "float32"},
+            tasks=[TASK],
+            task_manager=TaskManager(include_path=str(tasks.SHIPPED_TASKS), include_defaults=False),
+            limit=cfg["evaluation"]["limit"],
+            batch_size=16,
+            device="cpu",
+            log_samples=False,
+        )
+        assert res is not None
+        entry = res["results"][TASK]
+        direct[stage] = {"acc": entry["acc,none"], "acc_stderr": entry["acc_stderr,none"]}
+    return {"ours": ours, "direct": direct, "perplexity": m["perplexity"], "wall_seconds": wall}
+
+
 def closed(dense: float, oneshot: float, rec: float) -> float:
     return (math.log(oneshot) - math.log(rec)) / (math.log(oneshot) - math.log(dense))
 
@@ -125,21 +214,49 @@ def main() -> None:
     ap.add_argument("--eval-windows", type=int, default=64)
     ap.add_argument("--only", default="", help="comma-separated variant names (default: all)")
     ap.add_argument("--json", type=Path, help="write every result here")
+    ap.add_argument("--part", choices=("stories", "scale", "tasks"), default="stories")
+    ap.add_argument("--scale-steps", type=int, default=3)
+    ap.add_argument("--task-limit", type=int, default=200)
+    ap.add_argument("--workdir", type=Path, default=Path(tempfile.gettempdir()) / "secateurs-bench")
     ap.add_argument("--one", help=argparse.SUPPRESS)  # internal: run one config (JSON) in this process
+    ap.add_argument("--one-tasks", help=argparse.SUPPRESS)
     a = ap.parse_args()
     if a.one:
         print(json.dumps(run_one(json.loads(a.one), a.threads)))
         return
-    names = [n for n in VARIANTS if not a.only or n in a.only.split(",")]
+    if a.one_tasks:
+        print(json.dumps(run_tasks(json.loads(a.one_tasks), a.threads)))
+        return
     env = {**os.environ, "OMP_NUM_THREADS": str(a.threads), "TOKENIZERS_PARALLELISM": "false"}
     env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
-    results: dict[str, dict[str, Any]] = {}
-    for n in names:
-        cmd = [sys.executable, __file__, "--threads", str(a.threads), "--one", json.dumps(config(n, a))]
+
+    def child(n: str, flag: str, cfg: dict[str, Any]) -> dict[str, Any]:
+        cmd = [sys.executable, __file__, "--threads", str(a.threads), flag, json.dumps(cfg)]
         out = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT)
         if out.returncode != 0:
             sys.exit(f"{n} failed:\n{out.stderr[-3000:]}")
-        results[n] = json.loads(out.stdout.strip().splitlines()[-1])
+        return json.loads(out.stdout.strip().splitlines()[-1])
+
+    if a.part == "tasks":
+        with tempfile.TemporaryDirectory() as tmp:
+            r = child("tasks", "--one-tasks", tasks_config(a, Path(tmp) / "out"))
+        if a.json:
+            a.json.write_text(json.dumps(r, indent=1))
+        print_tasks(r, a)
+        return
+    if a.part == "scale":
+        from bench.prune_bench import build_llama100m
+
+        model_dir = build_llama100m(a.workdir / "llama100m", MODEL)
+        scale = {n: child(n, "--one", scale_config(n, model_dir, a)) for n in SCALE_VARIANTS}
+        if a.json:
+            a.json.write_text(json.dumps(scale, indent=1))
+        print_scale(scale, a)
+        return
+    names = [n for n in VARIANTS if not a.only or n in a.only.split(",")]
+    results: dict[str, dict[str, Any]] = {}
+    for n in names:
+        results[n] = child(n, "--one", config(n, a))
         r = results[n]
         print(
             f"  {n}: ppl {r['perplexity'].get('recovered', r['perplexity']['pruned']):.3f} ({r['wall_seconds']:.0f} s)",
@@ -207,6 +324,41 @@ def print_tables(results: dict[str, dict[str, Any]], a: argparse.Namespace) -> N
                 f"| stage {s['stage']} at {s['achieved_sparsity']:.3f} | {s.get('recover_steps', 0)} | "
                 f"pruned {s.get('perplexity_pruned', math.nan):.3f}, recovered {s.get('perplexity_recovered', math.nan):.3f} | |"
             )
+
+
+def print_scale(results: dict[str, dict[str, Any]], a: argparse.Namespace) -> None:
+    print(
+        f"\n~110M random-init Llama fp32, Wanda 50 %, {a.threads} threads; recovery {a.scale_steps} steps × "
+        f"{a.batch}×{a.seqlen} tokens\n"
+    )
+    print("| run | s/step | recovery s | whole run s | peak RSS MiB | masks |")
+    print("|---|---|---|---|---|---|")
+    for n, r in results.items():
+        step = f"{r['seconds_per_step']:.2f}" if r["seconds_per_step"] else "—"
+        secs = f"{r['recover_seconds']:.1f}" if r["recover_seconds"] else "—"
+        held = "—" if r["mask_violations"] is None else f"{r['mask_violations']} off, {r['achieved_sparsity']:.3f}"
+        print(f"| {n} | {step} | {secs} | {r['wall_seconds']:.0f} | {r['peak_rss_bytes'] / 2**20:.0f} | {held} |")
+
+
+def print_tasks(r: dict[str, Any], a: argparse.Namespace) -> None:
+    ours, direct = r["ours"], r["direct"]
+    print(
+        f"\nstories260k fp32, SparseGPT 2:4 + full recovery ({a.steps} steps); {TASK}, "
+        f"{ours['samples'][TASK]} samples, lm-eval {ours['lm_eval_version']}\n"
+    )
+    print("| model | perplexity | acc ± stderr (secateurs, in memory) | acc ± stderr (simple_evaluate, directory) |")
+    print("|---|---|---|---|")
+    worst = 0.0
+    for stage in ("dense", "pruned", "recovered"):
+        mine = ours[stage][TASK]
+        theirs = direct.get(stage)
+        other = "— (no directory of this stage)"
+        if theirs is not None:
+            worst = max(worst, abs(mine["acc"] - theirs["acc"]), abs(mine["acc_stderr"] - theirs["acc_stderr"]))
+            other = f"{theirs['acc']:.4f} ± {theirs['acc_stderr']:.4f}"
+        ppl = r["perplexity"].get(stage)
+        print(f"| {stage} | {ppl:.3f} | {mine['acc']:.4f} ± {mine['acc_stderr']:.4f} | {other} |")
+    print(f"\nlargest difference to simple_evaluate: {worst:.2e} (whole run {r['wall_seconds']:.0f} s)")
 
 
 if __name__ == "__main__":
