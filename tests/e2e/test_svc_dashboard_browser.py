@@ -419,36 +419,48 @@ def test_sweep_curve_and_failure_pages(browser: Any, sqlite_database: str, tmp_p
 
 
 def test_a_real_sweep_job_draws_its_curve(remote_stack: RemoteStack, browser: Any, shots: Path) -> None:
-    """A sweep job run by the real worker: the list shows its targets in one cell, the job page its curve (a
-    point per target, the exported ones filled, the dense line) and the per-target table."""
+    """A sweep job created from the form and run by the real worker: a target list refused by field first, then
+    the list shows its targets in one cell, the job page its curve (a point per target, the exported ones
+    filled, the dense line) and the per-target table."""
     from playwright.sync_api import expect
 
     expect.set_options(timeout=20_000)
     rs = remote_stack
     with rs.client() as c:
         text_set, _ = c.ensure_calibration_set(rs.cal_file)
-    body = rs.job_body(
-        sparsities=[0.3, 0.5, 0.7],
-        patterns=["2:4"],
-        export_sparsities=[0.5],
-        evaluation={"calibration_set_id": text_set.id, "seqlen": 32, "max_windows": 4},
-    )
-    body.pop("sparsity")
-    with rs.http() as c:
-        r = c.post("/v1/pruning-jobs", json=body)
-        assert r.status_code == 201, r.text
-        job_id = r.json()["id"]
-    job = rs.wait_terminal(job_id)
-    assert job["status"] == "succeeded", (job, rs.logs())
     ctx = browser.new_context(viewport={"width": 1280, "height": 900})
     page = ctx.new_page()
     page.add_init_script(WATCH)
     errors: list[str] = []
     page.on("pageerror", lambda e: errors.append(str(e)))
     try:
-        page.goto(rs.base + "/dashboard/#/jobs")
+        page.goto(rs.base + "/dashboard/#/new")
         page.get_by_label("API key").fill(rs.key)
         page.get_by_role("button", name="Use this key").click()
+        page.locator("#f-model").fill(str(rs.model))
+        page.locator("#f-method").select_option("wanda")
+        page.locator("#target-sweep").check()
+        expect(page.locator("#f-sparsity")).to_be_disabled()
+        page.locator("#f-sparsities").fill("0.3, 0.5, 0.7")
+        page.locator("#f-patterns").fill("2:4")
+        page.locator("#f-export").fill("0.4")  # not among the ratios: refused, naming the field
+        page.locator("#f-cal-texts").fill(rs.text)
+        page.locator("#f-nsamples").fill("4")
+        page.locator("#f-seqlen").fill("32")
+        page.locator("#f-eval").select_option(f"set:{text_set.id}")
+        page.locator("#f-eval-windows").fill("4")
+        page.locator("#create-job").click()
+        expect(page.locator("#form-errors .problem li[data-field='export_sparsities']")).to_be_visible()
+        expect(page.locator("#f-export")).to_have_attribute("aria-invalid", "true")
+        page.locator("#f-export").fill("0.5")
+        page.locator("#create-job").click()
+        page.wait_for_url(re.compile(r".*#/jobs/job_[0-9a-f]+$"))
+        job_id = page.url.rsplit("/", 1)[1]
+        job = rs.wait_terminal(job_id)
+        assert job["status"] == "succeeded", (job, rs.logs())
+        req = job["request"]
+        assert (req["sparsities"], req["patterns"], req["export_sparsities"]) == ([0.3, 0.5, 0.7], ["2:4"], [0.5])
+        page.goto(rs.base + "/dashboard/#/jobs")
         expect(page.locator(f"#jobs tr[data-job-id='{job_id}']")).to_contain_text("30.0 %..70.0 % (3) + 2:4")
         page.goto(f"{rs.base}/dashboard/#/jobs/{job_id}")
         chart = page.locator("#sweep-chart")
@@ -460,6 +472,7 @@ def test_a_real_sweep_job_draws_its_curve(remote_stack: RemoteStack, browser: An
         expect(page.locator("#sweep tbody tr")).to_have_count(4)
         expect(page.locator("#sweep tr[data-target='0.5']")).to_contain_text("yes")
         expect(page.locator("#block-sparsity")).to_have_count(0)
+        expect(page.locator("#perplexity")).to_have_count(0)  # no "pruned: —" beside the sweep's own card
         page.screenshot(path=str(shots / "sweep-job.png"), full_page=True)
         assert page.evaluate("window.__violations") == []
         assert errors == []

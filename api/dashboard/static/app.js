@@ -676,6 +676,7 @@ function barChart(values) {
 function perplexitySection(m) {
   const p = m.perplexity;
   if (!p || (p.dense === undefined && p.pruned === undefined)) return null;
+  if (m.sweep) return null; // a sweep's perplexities, dense included, are in its own card
   const proto = p.protocol || {};
   const facts = h("dl", { class: "facts" },
     h("dt", { text: "Dense" }), h("dd", { id: "ppl-dense", text: num(p.dense) }),
@@ -846,6 +847,9 @@ function newJobView() {
   const method = h("select", { name: "method", data: { field: "method" } }, METHODS.map((m) => h("option", { value: m, selected: m === "wanda", text: m })));
   const sparsity = h("input", { name: "sparsity", type: "number", min: "0", max: "0.99", step: "0.05", value: "0.5", data: { field: "sparsity" } });
   const pattern = h("input", { name: "pattern", value: "2:4", pattern: "\\d+:\\d+", data: { field: "pattern" } });
+  const sweepRatios = h("input", { name: "sparsities", value: "0.3, 0.4, 0.5, 0.6, 0.7", data: { field: "sparsities" } });
+  const sweepPatterns = h("input", { name: "patterns", placeholder: "none", data: { field: "patterns" } });
+  const sweepExport = h("input", { name: "export", placeholder: "none: metrics only", data: { field: "export_sparsities" } });
   const calSource = h("select", { name: "cal-source", data: { field: "calibration.source" } }, NAMED_SETS.map((n) => h("option", { value: n, text: n })));
   const calSet = h("select", { name: "cal-set", data: { field: "calibration.calibration_set_id" } });
   const calText = h("textarea", { name: "cal-text", data: { field: "calibration.texts" }, placeholder: "Paste text; blank lines separate documents." });
@@ -857,8 +861,12 @@ function newJobView() {
   let idempotencyKey = randomKey();
 
   const targetSet = h("fieldset", { data: { field: "target" } }, h("legend", { text: "Target" }),
-    h("div", { class: "row" }, radio("target", "sparsity", "Unstructured sparsity", true), radio("target", "pattern", "N:M pattern", false)),
-    h("div", { class: "row" }, field("f-sparsity", "Sparsity (0–0.99)", sparsity), field("f-pattern", "Pattern", pattern, "e.g. 2:4 or 4:8")));
+    h("div", { class: "row" }, radio("target", "sparsity", "Unstructured sparsity", true), radio("target", "pattern", "N:M pattern", false),
+      radio("target", "sweep", "Sweep", false)),
+    h("div", { class: "row" }, field("f-sparsity", "Sparsity (0–0.99)", sparsity), field("f-pattern", "Pattern", pattern, "e.g. 2:4 or 4:8")),
+    h("div", { class: "row" }, field("f-sparsities", "Sweep ratios", sweepRatios, "comma-separated, up to 16"),
+      field("f-patterns", "Sweep patterns", sweepPatterns, "comma-separated N:M, e.g. 2:4, 4:8"),
+      field("f-export", "Export the models of", sweepExport, "some of the ratios or patterns above")));
   const calSetField = field("f-cal-set", "Uploaded calibration set", calSet);
   const calibration = h("fieldset", { data: { field: "calibration" } }, h("legend", { text: "Calibration" }),
     h("div", { class: "row" }, radio("cal", "named", "Named set", false), radio("cal", "set", "Uploaded set", false), radio("cal", "texts", "Inline text", true)),
@@ -890,6 +898,7 @@ function newJobView() {
     const t = form.querySelector("input[name=target]:checked").value;
     sparsity.disabled = t !== "sparsity";
     pattern.disabled = t !== "pattern";
+    for (const el of [sweepRatios, sweepPatterns, sweepExport]) el.disabled = t !== "sweep";
     const c = form.querySelector("input[name=cal]:checked").value;
     calSource.disabled = c !== "named";
     calSet.disabled = c !== "set";
@@ -941,6 +950,21 @@ function newJobView() {
     const b = { model: model.value.trim(), method: method.value };
     if (!sparsity.disabled) b.sparsity = sparsity.value === "" ? null : Number(sparsity.value);
     if (!pattern.disabled) b.pattern = pattern.value.trim();
+    if (!sweepRatios.disabled) {
+      // a sweep: lists as the API takes them (a word that is not a number is sent as null, and refused by name)
+      const items = (input) => input.value.split(",").map((x) => x.trim()).filter((x) => x !== "");
+      const number = (x) => (Number.isFinite(Number(x)) ? Number(x) : null);
+      const ratios = items(sweepRatios);
+      const patterns = items(sweepPatterns);
+      const marked = items(sweepExport);
+      if (ratios.length) b.sparsities = ratios.map(number);
+      if (patterns.length) b.patterns = patterns;
+      const markedPatterns = marked.filter((x) => x.includes(":"));
+      const markedRatios = marked.filter((x) => !x.includes(":")).map(number);
+      if (markedRatios.length) b.export_sparsities = markedRatios;
+      if (markedPatterns.length) b.export_patterns = markedPatterns;
+      if (!ratios.length && !patterns.length) b.sparsities = [];
+    }
     const cal = { nsamples: Number(nsamples.value), seqlen: Number(seqlen.value) };
     if (!calSource.disabled) cal.source = calSource.value;
     if (!calSet.disabled) cal.calibration_set_id = calSet.value || null;
