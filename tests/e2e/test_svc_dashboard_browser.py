@@ -233,8 +233,8 @@ def test_dashboard_in_a_browser(remote_stack: RemoteStack, browser: Any, shots: 
 
 
 def test_event_stream_resumes_after_a_cut(remote_stack: RemoteStack, api_proxy: Any, browser: Any) -> None:
-    """The job page's event stream is cut in the middle of an event: the page reconnects with Last-Event-ID,
-    shows no event twice, and its bar still reaches 100 %."""
+    """The job page's event stream of a real job is cut in the middle of an event: the page recovers, shows no
+    event twice, and its bar still reaches 100 %."""
     from playwright.sync_api import expect
 
     rs = remote_stack
@@ -255,17 +255,83 @@ def test_event_stream_resumes_after_a_cut(remote_stack: RemoteStack, api_proxy: 
         page.get_by_role("button", name="Use this key").click()
         expect(page.locator("#progress")).to_have_attribute("data-fraction", "1")
         heads = api_proxy.requests(f"/v1/pruning-jobs/{job_id}/events/stream")
-        assert len(heads) >= 2, heads
-        assert "last-event-id:" not in heads[0].lower()
-        # the stream after the cut resumes from the last event the page had (a 429 from the per-tenant stream
-        # cap, which other tests on this shared stack can reach, is retried from where the page stands)
+        assert heads and "last-event-id:" not in heads[0].lower()
+        # After the cut the page asks for the job again and, while it runs, follows it again from the last event
+        # it had taken whole. The worker is fast: the job may have ended by then (nothing to follow), or its
+        # whole history may have come in one burst with the cut, which the browser can drop with the connection
+        # (then the page rightly asks from the start). The exact header is checked on canned streams in
+        # test_a_stream_cut_mid_event_resumes_with_last_event_id.
         resumed = [re.search(r"(?im)^last-event-id:\s*(\d+)", h) for h in heads[1:]]
-        assert any(m and int(m.group(1)) >= 2 for m in resumed), heads
+        assert all(m is None or int(m.group(1)) >= 1 for m in resumed), heads
         statuses = page.locator("#events li[data-type='status']").all_inner_texts()
         assert [t.split("status: ")[1] for t in statuses] == ["queued", "running", "succeeded"], statuses
         assert errors == []
     finally:
         ctx.close()
+
+
+def test_a_stream_cut_mid_event_resumes_with_last_event_id(browser: Any, sqlite_database: str, tmp_path: Path) -> None:
+    """Canned streams, so the cut always falls after two whole events: the page asks again with
+    `Last-Event-ID: 2`, takes the events after it, never shows one twice, and ends at 100 %."""
+    from fastapi.testclient import TestClient
+    from playwright.sync_api import Route, expect
+
+    from api.app import create_app
+    from core.settings import Settings
+
+    expect.set_options(timeout=15_000)
+    s = Settings(_env_file=None, env="test", data_dir=tmp_path / "var", database_url=sqlite_database, broker_url=None)
+    origin = "http://dashboard.test"
+
+    def event(seq: int, type_: str, data: dict[str, Any]) -> str:
+        body = {"id": seq, "type": type_, "created_at": "2026-01-01T00:00:00Z", "data": data}
+        return f"id: {seq}\nevent: {type_}\ndata: {json.dumps(body)}\n\n"
+
+    first = event(1, "status", {"status": "running"}) + event(2, "progress", {"stage": "prune", "fraction": 0.4})
+    first += "id: 3\nevent: progress\n"  # cut here, inside the third event
+    second = event(3, "progress", {"stage": "prune", "fraction": 0.8}) + event(4, "status", {"status": "succeeded"})
+    streams: list[str | None] = []
+    state = {"status": "running"}
+    with TestClient(create_app(s)) as app:
+
+        def serve(route: Route) -> None:
+            path = route.request.url.removeprefix(origin).split("?")[0]
+            if path.startswith("/dashboard"):
+                r = app.get(path, follow_redirects=False)
+                route.fulfill(status=r.status_code, headers=dict(r.headers), body=r.content)
+            elif path == "/v1/pruning-jobs/job_cut/events/stream":
+                streams.append(route.request.headers.get("last-event-id"))
+                body = first if len(streams) == 1 else second
+                if len(streams) > 1:
+                    state["status"] = "succeeded"
+                route.fulfill(status=200, headers={"content-type": "text/event-stream"}, body=body)
+            elif path == "/v1/pruning-jobs/job_cut":
+                route.fulfill(status=200, json=_job("job_cut", state["status"], sparsity=0.5, pattern=None))
+            elif path == "/v1/pruning-jobs":
+                route.fulfill(status=200, json={"object": "list", "data": [], "has_more": False})
+            elif path == "/v1/pruning-jobs/job_cut/artifacts":
+                route.fulfill(status=200, json={"object": "list", "data": []})
+            else:
+                route.fulfill(status=404, json={"title": "Not Found", "status": 404})
+
+        ctx = browser.new_context()
+        page = ctx.new_page()
+        page.add_init_script(WATCH)
+        errors: list[str] = []
+        page.on("pageerror", lambda e: errors.append(str(e)))
+        page.route(f"{origin}/**", serve)
+        try:
+            page.goto(f"{origin}/dashboard/#/jobs/job_cut")
+            page.get_by_label("API key").fill("sct_canned")
+            page.get_by_role("button", name="Use this key").click()
+            expect(page.locator("#progress")).to_have_attribute("data-fraction", "1")
+            expect(page.locator("#progress")).to_have_attribute("data-sse-events", "4")  # 2 + 2, none twice
+            assert streams[:2] == [None, "2"], streams
+            statuses = page.locator("#events li[data-type='status']").all_inner_texts()
+            assert [t.split("status: ")[1] for t in statuses] == ["running", "succeeded"], statuses
+            assert errors == []
+        finally:
+            ctx.close()
 
 
 # --- what a real job cannot show yet: a sweep's curve (its shape as the sweep jobs write it) and a failure ---
