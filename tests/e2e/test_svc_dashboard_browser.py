@@ -18,7 +18,8 @@ import os
 import re
 import shutil
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -270,18 +271,50 @@ def test_event_stream_resumes_after_a_cut(remote_stack: RemoteStack, api_proxy: 
         ctx.close()
 
 
-def test_a_stream_cut_mid_event_resumes_with_last_event_id(browser: Any, sqlite_database: str, tmp_path: Path) -> None:
-    """Canned streams, so the cut always falls after two whole events: the page asks again with
-    `Last-Event-ID: 2`, takes the events after it, never shows one twice, and ends at 100 %."""
+CANNED_ORIGIN = "http://dashboard.test"
+
+
+@contextmanager
+def _canned_dashboard(
+    browser: Any, sqlite_database: str, tmp_path: Path, answer: Callable[[str, Any], bool], **context: Any
+) -> Iterator[tuple[Any, list[str]]]:
+    """A page whose dashboard files and headers come from the app in process, and whose API requests are
+    answered by `answer(path, route)` (it fulfils the route and returns True, or leaves it to a 404)."""
     from fastapi.testclient import TestClient
-    from playwright.sync_api import Route, expect
+    from playwright.sync_api import Route
 
     from api.app import create_app
     from core.settings import Settings
 
-    expect.set_options(timeout=15_000)
     s = Settings(_env_file=None, env="test", data_dir=tmp_path / "var", database_url=sqlite_database, broker_url=None)
-    origin = "http://dashboard.test"
+    with TestClient(create_app(s)) as app:
+
+        def serve(route: Route) -> None:
+            path = route.request.url.removeprefix(CANNED_ORIGIN).split("?")[0]
+            if path.startswith("/dashboard"):
+                r = app.get(path, follow_redirects=False)
+                route.fulfill(status=r.status_code, headers=dict(r.headers), body=r.content)
+            elif not answer(path, route):
+                route.fulfill(status=404, json={"title": "Not Found", "status": 404})
+
+        ctx = browser.new_context(**context)
+        page = ctx.new_page()
+        page.add_init_script(WATCH)
+        errors: list[str] = []
+        page.on("pageerror", lambda e: errors.append(str(e)))
+        page.route(f"{CANNED_ORIGIN}/**", serve)
+        try:
+            yield page, errors
+        finally:
+            ctx.close()
+
+
+def test_a_stream_cut_mid_event_resumes_with_last_event_id(browser: Any, sqlite_database: str, tmp_path: Path) -> None:
+    """Canned streams, so the cut always falls after two whole events: the page asks again with
+    `Last-Event-ID: 2`, takes the events after it, never shows one twice, and ends at 100 %."""
+    from playwright.sync_api import expect
+
+    expect.set_options(timeout=15_000)
 
     def event(seq: int, type_: str, data: dict[str, Any]) -> str:
         body = {"id": seq, "type": type_, "created_at": "2026-01-01T00:00:00Z", "data": data}
@@ -292,46 +325,32 @@ def test_a_stream_cut_mid_event_resumes_with_last_event_id(browser: Any, sqlite_
     second = event(3, "progress", {"stage": "prune", "fraction": 0.8}) + event(4, "status", {"status": "succeeded"})
     streams: list[str | None] = []
     state = {"status": "running"}
-    with TestClient(create_app(s)) as app:
 
-        def serve(route: Route) -> None:
-            path = route.request.url.removeprefix(origin).split("?")[0]
-            if path.startswith("/dashboard"):
-                r = app.get(path, follow_redirects=False)
-                route.fulfill(status=r.status_code, headers=dict(r.headers), body=r.content)
-            elif path == "/v1/pruning-jobs/job_cut/events/stream":
-                streams.append(route.request.headers.get("last-event-id"))
-                body = first if len(streams) == 1 else second
-                if len(streams) > 1:
-                    state["status"] = "succeeded"
-                route.fulfill(status=200, headers={"content-type": "text/event-stream"}, body=body)
-            elif path == "/v1/pruning-jobs/job_cut":
-                route.fulfill(status=200, json=_job("job_cut", state["status"], sparsity=0.5, pattern=None))
-            elif path == "/v1/pruning-jobs":
-                route.fulfill(status=200, json={"object": "list", "data": [], "has_more": False})
-            elif path == "/v1/pruning-jobs/job_cut/artifacts":
-                route.fulfill(status=200, json={"object": "list", "data": []})
-            else:
-                route.fulfill(status=404, json={"title": "Not Found", "status": 404})
+    def answer(path: str, route: Any) -> bool:
+        if path == "/v1/pruning-jobs/job_cut/events/stream":
+            streams.append(route.request.headers.get("last-event-id"))
+            if len(streams) > 1:
+                state["status"] = "succeeded"
+            body = first if len(streams) == 1 else second
+            route.fulfill(status=200, headers={"content-type": "text/event-stream"}, body=body)
+        elif path == "/v1/pruning-jobs/job_cut":
+            route.fulfill(status=200, json=_job("job_cut", state["status"], sparsity=0.5, pattern=None))
+        elif path in ("/v1/pruning-jobs", "/v1/pruning-jobs/job_cut/artifacts"):
+            route.fulfill(status=200, json={"object": "list", "data": [], "has_more": False})
+        else:
+            return False
+        return True
 
-        ctx = browser.new_context()
-        page = ctx.new_page()
-        page.add_init_script(WATCH)
-        errors: list[str] = []
-        page.on("pageerror", lambda e: errors.append(str(e)))
-        page.route(f"{origin}/**", serve)
-        try:
-            page.goto(f"{origin}/dashboard/#/jobs/job_cut")
-            page.get_by_label("API key").fill("sct_canned")
-            page.get_by_role("button", name="Use this key").click()
-            expect(page.locator("#progress")).to_have_attribute("data-fraction", "1")
-            expect(page.locator("#progress")).to_have_attribute("data-sse-events", "4")  # 2 + 2, none twice
-            assert streams[:2] == [None, "2"], streams
-            statuses = page.locator("#events li[data-type='status']").all_inner_texts()
-            assert [t.split("status: ")[1] for t in statuses] == ["running", "succeeded"], statuses
-            assert errors == []
-        finally:
-            ctx.close()
+    with _canned_dashboard(browser, sqlite_database, tmp_path, answer) as (page, errors):
+        page.goto(f"{CANNED_ORIGIN}/dashboard/#/jobs/job_cut")
+        page.get_by_label("API key").fill("sct_canned")
+        page.get_by_role("button", name="Use this key").click()
+        expect(page.locator("#progress")).to_have_attribute("data-fraction", "1")
+        expect(page.locator("#progress")).to_have_attribute("data-sse-events", "4")  # 2 + 2, none twice
+        assert streams[:2] == [None, "2"], streams
+        statuses = page.locator("#events li[data-type='status']").all_inner_texts()
+        assert [t.split("status: ")[1] for t in statuses] == ["running", "succeeded"], statuses
+        assert errors == []
 
 
 # --- what a real job cannot show yet: a sweep's curve (its shape as the sweep jobs write it) and a failure ---
@@ -406,15 +425,9 @@ RECOVERED = {  # the shapes of a real job's summary (core/pruning/run.py, recove
 
 def test_sweep_curve_and_failure_pages(browser: Any, sqlite_database: str, tmp_path: Path) -> None:
     """The dashboard's own files and headers come from the app in process; the API's answers are canned."""
-    from fastapi.testclient import TestClient
-    from playwright.sync_api import Route, expect
-
-    from api.app import create_app
-    from core.settings import Settings
+    from playwright.sync_api import expect
 
     expect.set_options(timeout=10_000)
-    s = Settings(_env_file=None, env="test", data_dir=tmp_path / "var", database_url=sqlite_database, broker_url=None)
-    origin = "http://dashboard.test"
     canned = {
         "/v1/pruning-jobs": {"object": "list", "data": [], "has_more": False},
         "/v1/pruning-jobs/job_sweep": _job(
@@ -427,61 +440,49 @@ def test_sweep_curve_and_failure_pages(browser: Any, sqlite_database: str, tmp_p
             "job_failed", "failed", error={"code": "out_of_memory", "message": "CUDA out of memory <script>"}
         ),
     }
-    with TestClient(create_app(s)) as app:
 
-        def serve(route: Route) -> None:
-            path = route.request.url.removeprefix(origin).split("?")[0]
-            if path.startswith("/dashboard"):
-                r = app.get(path, follow_redirects=False)
-                route.fulfill(status=r.status_code, headers=dict(r.headers), body=r.content)
-            elif path in canned:
-                assert route.request.headers.get("authorization") == "Bearer sct_canned"
-                route.fulfill(status=200, json=canned[path])
-            else:
-                route.fulfill(status=404, json={"title": "Not Found", "status": 404})
+    def answer(path: str, route: Any) -> bool:
+        if path not in canned:
+            return False
+        assert route.request.headers.get("authorization") == "Bearer sct_canned"
+        route.fulfill(status=200, json=canned[path])
+        return True
 
-        ctx = browser.new_context(viewport={"width": 1280, "height": 900})
-        page = ctx.new_page()
-        page.add_init_script(WATCH)
-        errors: list[str] = []
-        page.on("pageerror", lambda e: errors.append(str(e)))
-        page.route(f"{origin}/**", serve)
-        try:
-            page.goto(f"{origin}/dashboard/#/jobs/job_sweep")
-            page.get_by_label("API key").fill("sct_canned")
-            page.get_by_role("button", name="Use this key").click()
-            chart = page.locator("#sweep-chart")
-            expect(chart.locator("circle.point")).to_have_count(4)  # the point without a perplexity is not drawn
-            expect(chart.locator("circle.point.exported")).to_have_count(2)
-            expect(chart.locator("circle.nm[data-target='2:4']")).to_have_count(1)
-            assert len(chart.locator("polyline.curve").get_attribute("points").split()) == 3  # the ratios only
-            expect(chart.locator("line.reference")).to_have_count(1)  # the dense model's perplexity
-            expect(page.locator("#sweep tbody tr")).to_have_count(5)
-            expect(page.locator("#sweep tr[data-target='0.9']")).to_contain_text("—")
-            expect(page.locator("#block-sparsity")).to_have_count(0)  # a sweep: a schedule per target, in its card
-            assert page.locator("text=org/<b>model</b>").count() == 1 and page.locator("b").count() == 0
-            page.screenshot(path=str(tmp_path / "sweep.png"), full_page=True)
+    viewport = {"width": 1280, "height": 900}
+    with _canned_dashboard(browser, sqlite_database, tmp_path, answer, viewport=viewport) as (page, errors):
+        page.goto(f"{CANNED_ORIGIN}/dashboard/#/jobs/job_sweep")
+        page.get_by_label("API key").fill("sct_canned")
+        page.get_by_role("button", name="Use this key").click()
+        chart = page.locator("#sweep-chart")
+        expect(chart.locator("circle.point")).to_have_count(4)  # the point without a perplexity is not drawn
+        expect(chart.locator("circle.point.exported")).to_have_count(2)
+        expect(chart.locator("circle.nm[data-target='2:4']")).to_have_count(1)
+        assert len(chart.locator("polyline.curve").get_attribute("points").split()) == 3  # the ratios only
+        expect(chart.locator("line.reference")).to_have_count(1)  # the dense model's perplexity
+        expect(page.locator("#sweep tbody tr")).to_have_count(5)
+        expect(page.locator("#sweep tr[data-target='0.9']")).to_contain_text("—")
+        expect(page.locator("#block-sparsity")).to_have_count(0)  # a sweep: a schedule per target, in its card
+        assert page.locator("text=org/<b>model</b>").count() == 1 and page.locator("b").count() == 0
+        page.screenshot(path=str(tmp_path / "sweep.png"), full_page=True)
 
-            # recovery: the perplexity after it, its loss curve (a point per recorded step), the task table
-            page.goto(f"{origin}/dashboard/#/jobs/job_recovered")
-            expect(page.locator("#ppl-recovered")).to_have_text("7.360")
-            expect(page.locator("#perplexity rect[data-ppl]")).to_have_count(3)
-            expect(page.locator("#loss-chart circle.point")).to_have_count(4)
-            assert len(page.locator("#loss-chart polyline.curve").get_attribute("points").split()) == 4
-            expect(page.locator("#recovery-steps")).to_have_text("100")
-            expect(page.locator("#task-table thead th")).to_have_count(5)  # task, metric, dense, pruned, recovered
-            expect(page.locator("#task-table tbody tr")).to_have_count(2)  # acc and acc_norm; stderr beside them
-            expect(page.locator("#task-table tr[data-metric='acc']")).to_contain_text("0.6200 ± 0.049")
-            page.screenshot(path=str(tmp_path / "recovered.png"), full_page=True)
+        # recovery: the perplexity after it, its loss curve (a point per recorded step), the task table
+        page.goto(f"{CANNED_ORIGIN}/dashboard/#/jobs/job_recovered")
+        expect(page.locator("#ppl-recovered")).to_have_text("7.360")
+        expect(page.locator("#perplexity rect[data-ppl]")).to_have_count(3)
+        expect(page.locator("#loss-chart circle.point")).to_have_count(4)
+        assert len(page.locator("#loss-chart polyline.curve").get_attribute("points").split()) == 4
+        expect(page.locator("#recovery-steps")).to_have_text("100")
+        expect(page.locator("#task-table thead th")).to_have_count(5)  # task, metric, dense, pruned, recovered
+        expect(page.locator("#task-table tbody tr")).to_have_count(2)  # acc and acc_norm; stderr beside them
+        expect(page.locator("#task-table tr[data-metric='acc']")).to_contain_text("0.6200 ± 0.049")
+        page.screenshot(path=str(tmp_path / "recovered.png"), full_page=True)
 
-            page.goto(f"{origin}/dashboard/#/jobs/job_failed")
-            expect(page.locator("#job-error")).to_contain_text("out_of_memory")
-            expect(page.locator("#job-error")).to_contain_text("CUDA out of memory <script>")
-            assert page.locator("img").count() == 0
-            assert page.evaluate("window.__violations") == []
-            assert errors == []
-        finally:
-            ctx.close()
+        page.goto(f"{CANNED_ORIGIN}/dashboard/#/jobs/job_failed")
+        expect(page.locator("#job-error")).to_contain_text("out_of_memory")
+        expect(page.locator("#job-error")).to_contain_text("CUDA out of memory <script>")
+        assert page.locator("img").count() == 0
+        assert page.evaluate("window.__violations") == []
+        assert errors == []
 
 
 def test_a_real_sweep_job_draws_its_curve(remote_stack: RemoteStack, browser: Any, shots: Path) -> None:
