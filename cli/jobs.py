@@ -418,7 +418,8 @@ def show(
         t.add_row("achieved sparsity", f"{m['achieved_sparsity']:.4f}")
     ppl = m.get("perplexity") or {}
     if ppl.get("dense") is not None:
-        t.add_row("perplexity", f"{ppl['dense']:.4f} → {ppl.get('pruned') or float('nan'):.4f}")
+        after = f" → {ppl['recovered']:.4f} recovered" if ppl.get("recovered") is not None else ""
+        t.add_row("perplexity", f"{ppl['dense']:.4f} → {ppl.get('pruned') or float('nan'):.4f}{after}")
     ts = j.timestamps
     t.add_row("created", ts.created_at.isoformat(timespec="seconds"))
     if ts.finished_at is not None:
